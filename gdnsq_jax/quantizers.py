@@ -1,0 +1,359 @@
+"""GDNSQ fake-quantization numerics: pure functions around one custom_vjp.
+
+Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
+Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004.
+
+A quantizer with step ``s = 2**log2_step`` and zero point ``z`` maps an input
+``c`` to ``s * round((c - z) / s) + z``. GDNSQ treats the rounding error
+``n = round(v) - v`` (``v = (c - z) / s``) as additive noise whose derivative
+is customised by :func:`rounding_noise`:
+
+* the input sees a straight-through gradient (or the EWGS / AEWGS
+  correction), and
+* the step size sees a random dither ``rho`` (``+-1/(2 sqrt 3)`` by default).
+
+The quantizers are written as ``c + s * N(v, s)``, which equals
+``(v + N) * s + z`` algebraically, so ordinary autodiff produces the
+product-rule terms of the reference composition (method spec, section 4.3):
+
+* weights (``ste``): ``dL/dW = G`` exactly (the zero-point path cancels) and
+  ``dL/ds_c = sum_c G * (n + s_c * rho)``;
+* activations (``ste``): ``dL/dx = G`` inside ``[b, b + q - s]`` (a value on a
+  bound keeps its gradient), ``dL/db`` = sum of G over clamped elements,
+  ``dL/dq`` = sum of G above the top, ``dL/ds = sum G * (n + s rho) - sum
+  G[above]``.
+
+All arithmetic runs in float32 whatever the input dtype; the output has the
+input dtype. Every function is pure and works under ``jit``, ``grad``,
+``vmap`` and ``shard_map`` (pass ``axis_name`` to average AEWGS statistics
+across a data-parallel axis).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+__all__ = [
+    "DITHERS",
+    "ESTIMATORS",
+    "quantize_activation",
+    "quantize_weight",
+    "rounding_noise",
+    "validate_dither",
+    "validate_estimator",
+    "weight_channel_range",
+]
+
+ESTIMATORS = ("aewgs", "ewgs", "lsq", "ste")
+"""Backward rules of the rounding noise (method spec, section 4.1)."""
+
+DITHERS = ("uniform12", "half", "pure")
+"""Step-size dither options.
+
+* ``uniform12``: rho = +-1/(2 sqrt 3), variance 1/12 (default, Decision D2);
+* ``half``: rho = +-1/2, variance 1/4 (the reference's tagged GDNSQ release);
+* ``pure``: the total step gradient is the pure dither ``sum G * rho``
+  (rho = +-1/(2 sqrt 3)) without the product-rule ``sum G * n`` term
+  (Decision D1 ablation).
+"""
+
+EWGS_DELTA = 0.01
+"""EWGS scaling factor delta (Decision D13)."""
+
+AEWGS_VARIANCE_FLOOR = 1e-3
+AEWGS_MAX_PHI = 0.99  # the input-gradient multiplier 1 - phi stays >= 0.01
+
+_DITHER_AMPLITUDE = {
+    "uniform12": 0.5 / math.sqrt(3.0),
+    "half": 0.5,
+    "pure": 0.5 / math.sqrt(3.0),
+}
+
+
+def validate_estimator(estimator: str) -> str:
+  """Returns ``estimator`` or raises a ValueError listing the valid names."""
+  if estimator not in ESTIMATORS:
+    raise ValueError(
+        f"unknown estimator {estimator!r}; choose one of: "
+        f"{', '.join(ESTIMATORS)}"
+    )
+  return estimator
+
+
+def validate_dither(dither: str) -> str:
+  """Returns ``dither`` or raises a ValueError listing the valid names."""
+  if dither not in DITHERS:
+    raise ValueError(
+        f"unknown dither {dither!r}; choose one of: {', '.join(DITHERS)}"
+    )
+  return dither
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums ``x`` over the axes along which ``shape`` was broadcast to it."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      lead + i
+      for i, d in enumerate(shape)
+      if d == 1 and x.shape[lead + i] != 1
+  )
+  if axes:
+    x = jnp.sum(x, axis=axes)
+  return x.reshape(shape)
+
+
+def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  """Axes of an ``ndim`` array along which a ``shape`` array is broadcast."""
+  lead = ndim - len(shape)
+  return tuple(range(lead)) + tuple(
+      lead + i for i, d in enumerate(shape) if d == 1
+  )
+
+
+def _dither(key, shape, dither: str) -> jax.Array:
+  amplitude = _DITHER_AMPLITUDE[dither]
+  return amplitude * jax.random.rademacher(key, shape, dtype=jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# The rounding-noise primitive.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def rounding_noise(
+    v: jax.Array,
+    step: jax.Array,
+    key: Optional[jax.Array],
+    estimator: str = "ste",
+    dither: str = "uniform12",
+    axis_name: Optional[str] = None,
+) -> jax.Array:
+  """The rounding error ``round(v) - v`` with GDNSQ's custom backward.
+
+  Forward: ``N(v, s) = round(v) - v`` (round half to even, like torch.round).
+  Backward, with ``g = dL/dN`` and ``e = round(v) - v``:
+
+  * input term ``dL/dv`` (added to the straight-through ``g`` that reaches
+    ``v`` through ``v + N``):
+
+    - ``ste``, ``lsq``: 0;
+    - ``ewgs``: ``-delta |g| e`` with delta = 0.01, so the total input
+      gradient is ``g + delta |g| (v - round v)`` (Lee et al., 2021);
+    - ``aewgs``: ``-g phi`` with ``phi = min(delta sign(g) e, 0.99)`` and
+      ``delta = mean(sign(g) e) / max(var(e), 1e-3)`` over the axes along
+      which ``step`` is broadcast (per output channel for weights, the whole
+      tensor for activations), statistics under ``stop_gradient`` and
+      averaged over ``axis_name`` when given. The multiplier ``1 - phi`` is
+      therefore >= 0.01.
+
+  * step term ``dL/ds`` (summed to ``step``'s shape):
+
+    - ``ste``, ``ewgs``, ``aewgs``: ``g * rho`` with ``rho`` a Rademacher
+      dither of amplitude 1/(2 sqrt 3) drawn from ``key`` (``dither='half'``:
+      amplitude 1/2; ``dither='pure'``: ``g * (rho - e) / s``, which turns the
+      total step gradient of a quantizer into ``sum G rho``);
+    - ``lsq``: ``g * e`` (the reference's ``LSQ`` variant without a gradient
+      scale).
+
+    With ``key=None`` the dither is zero (deterministic backward).
+
+  Args:
+    v: the scaled input ``(c - z) / s``, float32.
+    step: the step size ``s``, broadcastable to ``v``.
+    key: a PRNG key for the dither, or None.
+    estimator: one of :data:`ESTIMATORS`.
+    dither: one of :data:`DITHERS`.
+    axis_name: optional named axis over which AEWGS statistics are averaged.
+
+  Returns:
+    ``round(v) - v`` with ``v``'s shape and dtype.
+  """
+  del step, key, estimator, dither, axis_name
+  return jnp.round(v) - v
+
+
+def _rounding_noise_fwd(v, step, key, estimator, dither, axis_name):
+  del estimator, dither, axis_name
+  e = jnp.round(v) - v
+  return e, (e, step, key)
+
+
+def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
+  e, step, key = residuals
+  if estimator == "lsq":
+    step_term = g * e
+  else:
+    if key is None:
+      rho = jnp.zeros_like(e)
+    else:
+      rho = _dither(key, e.shape, dither)
+    if dither == "pure":
+      step_term = g * (rho - e) / step
+    else:
+      step_term = g * rho
+  step_grad = _sum_to_shape(step_term, step.shape).astype(step.dtype)
+
+  if estimator in ("ste", "lsq"):
+    v_grad = jnp.zeros_like(g)
+  elif estimator == "ewgs":
+    v_grad = -EWGS_DELTA * jnp.abs(g) * e
+  elif estimator == "aewgs":
+    axes = _broadcast_axes(step.shape, e.ndim)
+    sign_g = jnp.sign(g)
+    stats = (
+        jnp.mean(sign_g * e, axis=axes, keepdims=True),
+        jnp.mean(e * e, axis=axes, keepdims=True),
+        jnp.mean(e, axis=axes, keepdims=True),
+    )
+    stats = lax.stop_gradient(stats)
+    if axis_name is not None:
+      stats = lax.pmean(stats, axis_name)
+    mean_sign_e, mean_e2, mean_e = stats
+    delta = mean_sign_e / jnp.maximum(
+        mean_e2 - mean_e * mean_e, AEWGS_VARIANCE_FLOOR
+    )
+    phi = jnp.minimum(delta * sign_g * e, AEWGS_MAX_PHI)
+    v_grad = -g * phi
+  else:  # validated by the public entry points
+    raise ValueError(validate_estimator(estimator))
+  return v_grad, step_grad, None
+
+
+rounding_noise.defvjp(_rounding_noise_fwd, _rounding_noise_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Weight and activation quantizers.
+# ---------------------------------------------------------------------------
+
+
+def weight_channel_range(
+    kernel: jax.Array, per_channel: bool = True
+) -> tuple[jax.Array, jax.Array]:
+  """Per-output-channel (last axis) or per-tensor min and max of a kernel.
+
+  Flax kernels keep output channels last: Dense ``(in, out)``, Conv
+  ``(kh, kw, in, out)``.
+
+  Returns:
+    ``(minimum, maximum)`` in float32, shape ``(out,)`` or ``()``.
+  """
+  k = kernel.astype(jnp.float32)
+  axes = tuple(range(k.ndim - 1)) if per_channel else None
+  return jnp.min(k, axis=axes), jnp.max(k, axis=axes)
+
+
+def quantize_weight(
+    kernel: jax.Array,
+    log2_step: jax.Array,
+    key: Optional[jax.Array] = None,
+    *,
+    estimator: str = "ste",
+    dither: str = "uniform12",
+    per_channel: bool = True,
+    axis_name: Optional[str] = None,
+) -> jax.Array:
+  """Asymmetric fake quantization of a kernel (method spec, section 2.1).
+
+  ``W_hat = s_c * round((W - z_c) / s_c) + z_c`` with ``s_c = 2**log2_step``
+  and zero point ``z_c = min(W[..., c])`` recomputed from the current kernel
+  on every call; no clamp, so the grid always covers the channel and codes
+  lie in ``{0, ..., round(R_c / s_c)}`` with ``R_c = max - min``.
+
+  Args:
+    kernel: Flax kernel with output channels on the last axis.
+    log2_step: ``(out,)`` when ``per_channel`` else a scalar.
+    key: PRNG key for the step-size dither (None: no dither).
+    estimator: backward rule, one of :data:`ESTIMATORS`.
+    dither: one of :data:`DITHERS`.
+    per_channel: per-output-channel (default) or per-tensor step and zero.
+    axis_name: named data-parallel axis for AEWGS statistics.
+
+  Returns:
+    The fake-quantized kernel, in ``kernel.dtype``.
+  """
+  validate_estimator(estimator)
+  validate_dither(dither)
+  expected = (kernel.shape[-1],) if per_channel else ()
+  if jnp.shape(log2_step) != expected:
+    raise ValueError(
+        f"log2_step has shape {jnp.shape(log2_step)} but a "
+        f"{'per-channel' if per_channel else 'per-tensor'} quantizer of a "
+        f"kernel of shape {kernel.shape} needs shape {expected}"
+    )
+  w = kernel.astype(jnp.float32)
+  step = jnp.exp2(jnp.asarray(log2_step, jnp.float32))
+  axes = tuple(range(w.ndim - 1)) if per_channel else None
+  zero = jnp.min(w, axis=axes, keepdims=per_channel)
+  v = (w - zero) / step
+  out = w + step * rounding_noise(v, step, key, estimator, dither, axis_name)
+  return out.astype(kernel.dtype)
+
+
+def _clamp(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+  """Clamp with PyTorch's gradient routing: ties keep the gradient on x."""
+  return jnp.where(x < low, low, jnp.where(x > high, high, x))
+
+
+def quantize_activation(
+    x: jax.Array,
+    log2_step: jax.Array,
+    log2_range: jax.Array,
+    clamp_low: jax.Array,
+    key: Optional[jax.Array] = None,
+    *,
+    estimator: str = "ste",
+    dither: str = "uniform12",
+    axis_name: Optional[str] = None,
+    enabled: bool = True,
+) -> jax.Array:
+  """Per-tensor clamp-and-round activation quantizer (method spec, 2.2).
+
+  With ``s = 2**log2_step``, ``q = 2**log2_range`` and ``b = clamp_low``:
+  ``c = clip(x, b, b + q - s)`` and ``x_hat = s * round((c - b) / s) + b``,
+  codes in ``{0, ..., round(q / s - 1)}``. The clamp routes gradients like
+  ``torch.clamp``: an input equal to a bound passes its gradient to ``x``.
+
+  Args:
+    x: activations, any shape and float dtype.
+    log2_step: scalar log2 of the step size.
+    log2_range: scalar log2 of the grid width ``q`` (levels x step).
+    clamp_low: scalar lower clamp and zero point ``b``.
+    key: PRNG key for the step-size dither (None: no dither).
+    estimator: backward rule (activations use ``ste`` by default, D4).
+    dither: one of :data:`DITHERS`.
+    axis_name: named data-parallel axis for AEWGS statistics.
+    enabled: False returns ``x`` unchanged (activation bits >= 32, D12).
+
+  Returns:
+    Fake-quantized activations in ``x.dtype``.
+  """
+  validate_estimator(estimator)
+  validate_dither(dither)
+  if not enabled:
+    return x
+  for name, p in (
+      ("log2_step", log2_step),
+      ("log2_range", log2_range),
+      ("clamp_low", clamp_low),
+  ):
+    if jnp.size(p) != 1:
+      raise ValueError(
+          f"{name} must be a scalar (per-tensor activation quantizer), got "
+          f"shape {jnp.shape(p)}"
+      )
+  xf = x.astype(jnp.float32)
+  step = jnp.exp2(jnp.asarray(log2_step, jnp.float32).reshape(()))
+  width = jnp.exp2(jnp.asarray(log2_range, jnp.float32).reshape(()))
+  low = jnp.asarray(clamp_low, jnp.float32).reshape(())
+  c = _clamp(xf, low, low + width - step)
+  v = (c - low) / step
+  out = c + step * rounding_noise(v, step, key, estimator, dither, axis_name)
+  return out.astype(x.dtype)
