@@ -66,6 +66,8 @@ DITHERS = ("uniform12", "half", "pure")
 EWGS_DELTA = 0.01
 """EWGS scaling factor delta (Decision D13)."""
 
+_FLOAT32_INTEGER_LIMIT = 2.0**23  # every float32 of this size is an integer
+
 AEWGS_VARIANCE_FLOOR = 1e-3
 AEWGS_MAX_PHI = 0.99  # the input-gradient multiplier 1 - phi stays >= 0.01
 
@@ -108,6 +110,22 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x.reshape(shape)
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+  """Manual mesh axes (shard_map) along which ``x`` varies; empty outside."""
+  return frozenset(getattr(jax.typeof(x), "vma", ()))
+
+
+def _sum_to_primal_axes(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """psums a cotangent over mesh axes where it varies but its primal doesn't.
+
+  Under ``shard_map`` a replicated parameter (a step size, or a kernel under
+  data parallelism) receives the sum of the per-device cotangents, which is
+  what JAX's own transpose rules do for ordinary operations.
+  """
+  extra = _varying_axes(cotangent) - _varying_axes(primal)
+  return lax.psum(cotangent, tuple(extra)) if extra else cotangent
+
+
 def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   """Axes of an ``ndim`` array along which a ``shape`` array is broadcast."""
   lead = ndim - len(shape)
@@ -138,6 +156,9 @@ def rounding_noise(
   """The rounding error ``round(v) - v`` with GDNSQ's custom backward.
 
   Forward: ``N(v, s) = round(v) - v`` (round half to even, like torch.round).
+  Where ``|v| >= 2**23`` every float32 is already an integer, so ``N = 0``
+  exactly; this also holds for ``v`` that overflowed to ``inf`` (a grid far
+  finer than float32 at that magnitude), which would otherwise give NaN.
   Backward, with ``g = dL/dN`` and ``e = round(v) - v``:
 
   * input term ``dL/dv`` (added to the straight-through ``g`` that reaches
@@ -176,12 +197,17 @@ def rounding_noise(
     ``round(v) - v`` with ``v``'s shape and dtype.
   """
   del step, key, estimator, dither, axis_name
-  return jnp.round(v) - v
+  return _rounding_error(v)
+
+
+def _rounding_error(v: jax.Array) -> jax.Array:
+  """``round(v) - v``, and 0 where ``|v| >= 2**23`` (including ``inf``)."""
+  return jnp.where(jnp.abs(v) < _FLOAT32_INTEGER_LIMIT, jnp.round(v) - v, 0.0)
 
 
 def _rounding_noise_fwd(v, step, key, estimator, dither, axis_name):
   del estimator, dither, axis_name
-  e = jnp.round(v) - v
+  e = _rounding_error(v)
   return e, (e, step, key)
 
 
@@ -201,7 +227,7 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
   step_grad = _sum_to_shape(step_term, step.shape).astype(step.dtype)
 
   if estimator in ("ste", "lsq"):
-    v_grad = jnp.zeros_like(g)
+    v_grad = jnp.zeros_like(e)
   elif estimator == "ewgs":
     v_grad = -EWGS_DELTA * jnp.abs(g) * e
   elif estimator == "aewgs":
@@ -223,7 +249,11 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
     v_grad = -g * phi
   else:  # validated by the public entry points
     raise ValueError(validate_estimator(estimator))
-  return v_grad, step_grad, None
+  return (
+      _sum_to_primal_axes(v_grad, e),
+      _sum_to_primal_axes(step_grad, step),
+      None,
+  )
 
 
 rounding_noise.defvjp(_rounding_noise_fwd, _rounding_noise_bwd)

@@ -1,0 +1,1 @@
+"""Training configurations (ml_collections); see configs/base.py."""

@@ -1,0 +1,411 @@
+"""Quantize an unmodified Flax model by intercepting its conv / dense calls.
+
+:func:`quantize_model` takes a Linen model written with plain ``nn.Conv`` /
+``nn.Dense`` and returns a :class:`QuantizedModel` whose ``init`` / ``apply``
+run the model under :func:`flax.linen.intercept_methods`: every selected
+layer call creates its quantizer params in the layer's own scope (next to
+``kernel``, see :mod:`gdnsq_jax.layers`) and computes the layer with the
+quantized kernel and input. The model's code and its FP params tree are
+unchanged; the quantized tree only adds ``log2_step`` and ``input_quantizer``
+entries, so :func:`add_quantizer_params` loads FP variables into it.
+
+Placement (method spec section 5, Decision D6): by default the stem (the
+first conv / dense applied), the classifier (the last dense applied) and 1x1
+convs stay full precision; :class:`QuantizationRules` changes that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdnsq_jax import layers as qlayers
+from gdnsq_jax.layers import QuantSettings
+
+__all__ = [
+    "LayerInfo",
+    "QuantizationRules",
+    "QuantizedModel",
+    "add_quantizer_params",
+    "format_quantization_report",
+    "quantization_report",
+    "quantize_model",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRules:
+  """Which conv / dense layers to quantize, by role and module path.
+
+  A layer is quantized iff its '/'-joined module path fully matches one of
+  ``include`` (when given), matches none of ``exclude`` and its role is not
+  left FP by a flag. Patterns use :func:`re.fullmatch`.
+
+  Attributes:
+    include: regexes; when non-empty only matching layers are candidates.
+    exclude: regexes of layers that stay FP.
+    quantize_stem: quantize the first conv / dense applied to the input.
+    quantize_classifier: quantize the last dense applied.
+    quantize_1x1: quantize convs whose spatial kernel is 1x1 (shortcuts).
+  """
+
+  include: Sequence[str] = ()
+  exclude: Sequence[str] = ()
+  quantize_stem: bool = False
+  quantize_classifier: bool = False
+  quantize_1x1: bool = False
+
+  def __post_init__(self):
+    for field in ("include", "exclude"):
+      patterns = getattr(self, field)
+      if isinstance(patterns, str):
+        patterns = (patterns,)
+      patterns = tuple(patterns)
+      for p in patterns:
+        try:
+          re.compile(p)
+        except re.error as e:
+          raise ValueError(f"invalid {field} regex {p!r}: {e}") from e
+      object.__setattr__(self, field, patterns)
+
+  @classmethod
+  def from_dict(cls, rules: Mapping[str, Any]) -> "QuantizationRules":
+    """Builds rules from a dict (e.g. a config); unknown keys raise."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in rules:
+      if key not in valid:
+        raise ValueError(
+            f"unknown quantization rule key {key!r}; valid keys: "
+            f"{', '.join(valid)}"
+        )
+    return cls(**rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """One conv / dense of a model, in first-call order.
+
+  Attributes:
+    path: '/'-joined module path (also its params path).
+    kind: 'conv' or 'dense'.
+    kernel_shape: the kernel's shape (Flax layout, output channels last).
+    role: 'stem', 'classifier', '1x1' or '' (a plain hidden layer).
+    quantized: whether the quantized model quantizes it.
+    reason: why it is (or is not) quantized.
+  """
+
+  path: str
+  kind: str
+  kernel_shape: tuple[int, ...]
+  role: str
+  quantized: bool
+  reason: str
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+  if isinstance(module, nn.Conv):
+    return "conv"
+  if isinstance(module, nn.Dense):
+    return "dense"
+  return None
+
+
+def _is_layer_call(context: Any) -> bool:
+  return context.method_name == "__call__" and _kind(context.module) is not None
+
+
+def _trace_layers(model, args, kwargs) -> list[tuple[str, str, tuple, bool]]:
+  """Records every conv / dense call of ``model.init`` (abstractly).
+
+  Returns:
+    ``(path, kind, kernel shape, is a Quant* layer)`` per call, in call order;
+    a layer called twice appears twice.
+  """
+  calls = []
+
+  def record(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    if _is_layer_call(context) and not qlayers.inside_fp_twin():
+      module = context.module
+      kernel = module.get_variable("params", "kernel")
+      explicit = isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
+      calls.append(
+          ("/".join(module.path), _kind(module), tuple(kernel.shape), explicit)
+      )
+    return out
+
+  # Array-like leaves (arrays, ShapeDtypeStruct) are traced abstractly; other
+  # leaves (e.g. a positional ``train`` flag) stay static Python values.
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  is_array = [
+      isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+      for l in leaves
+  ]
+
+  def init(*array_leaves):
+    it = iter(array_leaves)
+    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
+    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    with nn.intercept_methods(record):
+      return model.init(rngs, *call_args, **call_kwargs)
+
+  jax.eval_shape(init, *[l for l, a in zip(leaves, is_array) if a])
+  return calls
+
+
+def _decide(path: str, role: str, rules: QuantizationRules) -> tuple[bool, str]:
+  """Whether the layer at ``path`` with ``role`` is quantized, and why."""
+  if rules.include and not any(re.fullmatch(p, path) for p in rules.include):
+    return False, "not matched by include"
+  for p in rules.exclude:
+    if re.fullmatch(p, path):
+      return False, f"excluded by {p!r}"
+  if role == "stem" and not rules.quantize_stem:
+    return False, "stem (quantize_stem=False)"
+  if role == "classifier" and not rules.quantize_classifier:
+    return False, "classifier (quantize_classifier=False)"
+  if role == "1x1" and not rules.quantize_1x1:
+    return False, "1x1 conv (quantize_1x1=False)"
+  return True, "quantized"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedModel:
+  """A Linen model whose selected conv / dense calls are quantized.
+
+  ``init`` and ``apply`` take exactly the arguments of the wrapped model's
+  (rngs, inputs, ``train=...``, ``mutable=...``, ...); pass
+  ``rngs={'quant_noise': key}`` to ``apply`` for the training dither.
+
+  Attributes:
+    model: the unmodified Linen model.
+    settings: quantization settings of every quantized layer.
+    layers: every conv / dense with its placement decision (call order).
+  """
+
+  model: nn.Module
+  settings: QuantSettings
+  layers: tuple[LayerInfo, ...]
+
+  @property
+  def quantized_paths(self) -> frozenset[str]:
+    """Module paths of the quantized layers."""
+    return frozenset(l.path for l in self.layers if l.quantized)
+
+  def _intercept(self, next_fun, args, kwargs, context):
+    module = context.module
+    if (
+        not _is_layer_call(context)
+        or qlayers.inside_fp_twin()
+        or isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
+    ):
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    if path not in {l.path for l in self.layers}:
+      raise ValueError(
+          f"layer {path!r} was not called when quantize_model traced the "
+          "model, so its placement is undecided; pass sample inputs and "
+          "model kwargs to quantize_model that call every layer"
+      )
+    if path not in self.quantized_paths:
+      return next_fun(*args, **kwargs)
+    return qlayers.apply_quantized_layer(
+        module,
+        next_fun,
+        module.clone(parent=None),
+        self.settings,
+        *args,
+        **kwargs,
+    )
+
+  def init(self, rngs, *args, **kwargs) -> Any:
+    """``model.init`` with the quantized layers; returns all variables."""
+    with nn.intercept_methods(self._intercept):
+      return self.model.init(rngs, *args, **kwargs)
+
+  def apply(self, variables, *args, **kwargs) -> Any:
+    """``model.apply`` with the quantized layers."""
+    with nn.intercept_methods(self._intercept):
+      return self.model.apply(variables, *args, **kwargs)
+
+
+def quantize_model(
+    model: nn.Module,
+    *sample_args: Any,
+    settings: Optional[QuantSettings] = None,
+    rules: Union[QuantizationRules, Mapping[str, Any], None] = None,
+    **sample_kwargs: Any,
+) -> QuantizedModel:
+  """Selects the conv / dense layers of ``model`` to quantize.
+
+  The model is traced once abstractly (``jax.eval_shape`` of its ``init``;
+  nothing is allocated) to find its layers, their call order (stem =
+  first conv / dense called, classifier = last dense called) and kernels.
+
+  Args:
+    model: a Linen model using ``nn.Conv`` / ``nn.Dense``.
+    *sample_args: example positional inputs of ``model`` (arrays or
+      ``jax.ShapeDtypeStruct``).
+    settings: quantization settings (default :class:`QuantSettings()`).
+    rules: :class:`QuantizationRules` or a dict of its fields.
+    **sample_kwargs: keyword arguments of the traced call (e.g.
+      ``train=False``).
+
+  Returns:
+    The :class:`QuantizedModel`.
+
+  Raises:
+    ValueError: for unknown rule keys or invalid regexes.
+  """
+  settings = settings if settings is not None else QuantSettings()
+  if rules is None:
+    rules = QuantizationRules()
+  elif isinstance(rules, Mapping):
+    rules = QuantizationRules.from_dict(rules)
+  calls = _trace_layers(model, sample_args, sample_kwargs)
+  dense_calls = [c[0] for c in calls if c[1] == "dense"]
+  stem = calls[0][0] if calls else None
+  classifier = dense_calls[-1] if dense_calls else None
+  first_calls = {}
+  for call in calls:
+    first_calls.setdefault(call[0], call)
+  infos = []
+  for path, kind, shape, explicit in first_calls.values():
+    if path == stem:
+      role = "stem"
+    elif path == classifier:
+      role = "classifier"
+    elif kind == "conv" and all(d == 1 for d in shape[:-2]):
+      role = "1x1"
+    else:
+      role = ""
+    if explicit:
+      quantized, reason = True, "explicit Quant layer"
+    else:
+      quantized, reason = _decide(path, role, rules)
+    infos.append(LayerInfo(path, kind, shape, role, quantized, reason))
+  return QuantizedModel(model, settings, tuple(infos))
+
+
+def quantization_report(qmodel: QuantizedModel) -> list[LayerInfo]:
+  """Every conv / dense of the model with its placement (call order)."""
+  return list(qmodel.layers)
+
+
+def format_quantization_report(rows: Sequence[LayerInfo]) -> str:
+  """A text table of :func:`quantization_report` rows and the FP / Q counts."""
+  header = ("path", "kind", "kernel", "role", "quantized", "reason")
+  table = [header] + [
+      (
+          r.path,
+          r.kind,
+          "x".join(map(str, r.kernel_shape)),
+          r.role or "-",
+          "yes" if r.quantized else "no",
+          r.reason,
+      )
+      for r in rows
+  ]
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+           for row in table]
+  n_q = sum(r.quantized for r in rows)
+  lines.append(f"{n_q} quantized, {len(rows) - n_q} full precision")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Loading FP variables into the quantized tree.
+# ---------------------------------------------------------------------------
+
+
+def _init_value(path: tuple[str, ...], siblings: Mapping[str, Any]) -> float:
+  """The pre-calibration value of a quantizer param (layers module docs)."""
+  name = path[-1]
+  if name == "log2_step" and "kernel" in siblings:
+    return qlayers.WEIGHT_LOG2_STEP_INIT
+  return {
+      "log2_step": qlayers.ACTIVATION_LOG2_STEP_INIT,
+      "log2_range": qlayers.ACTIVATION_LOG2_RANGE_INIT,
+      "clamp_low": qlayers.ACTIVATION_CLAMP_LOW_INIT,
+  }[name]
+
+
+def _is_quantizer_leaf(path: tuple[str, ...]) -> bool:
+  return path[-1] == "log2_step" or qlayers.INPUT_QUANTIZER in path
+
+
+def add_quantizer_params(fp_variables: Mapping[str, Any],
+                         quantized_variables: Mapping[str, Any]) -> dict:
+  """Loads FP variables into a quantized model's variable tree.
+
+  Every leaf of ``fp_variables`` must exist, with the same shape, in
+  ``quantized_variables``; every leaf only in ``quantized_variables`` must be
+  a quantizer param. Quantizer params keep their value from
+  ``quantized_variables``, or get their pre-calibration init value when that
+  tree is abstract (``jax.eval_shape(qmodel.init, ...)``), so a big model
+  needs no real quantized init.
+
+  Args:
+    fp_variables: variables of the FP model (``params``, ``batch_stats``...).
+    quantized_variables: variables (or shapes) from ``QuantizedModel.init``.
+
+  Returns:
+    The quantized variables holding the FP values.
+
+  Raises:
+    ValueError: listing the FP leaves the quantized tree lacks, the
+      non-quantizer leaves the FP tree lacks, and shape mismatches.
+  """
+  fp_flat = {
+      tuple(str(getattr(k, "key", k)) for k in p): v
+      for p, v in jax.tree_util.tree_leaves_with_path(fp_variables)
+  }
+  q_flat = jax.tree_util.tree_leaves_with_path(quantized_variables)
+  q_paths = {tuple(str(getattr(k, "key", k)) for k in p) for p, _ in q_flat}
+  unexpected = sorted("/".join(p) for p in fp_flat if p not in q_paths)
+  missing, mismatched = [], []
+  for p in q_paths:
+    if p not in fp_flat and not _is_quantizer_leaf(p):
+      missing.append("/".join(p))
+  for p, v in fp_flat.items():
+    if p in q_paths:
+      q_shape = _leaf(quantized_variables, p).shape
+      if tuple(np.shape(v)) != tuple(q_shape):
+        mismatched.append(f"{'/'.join(p)}: {np.shape(v)} vs {q_shape}")
+  if unexpected or missing or mismatched:
+    raise ValueError(
+        "FP variables do not fit the quantized model; in FP only: "
+        f"{unexpected or 'none'}; missing from FP: {sorted(missing) or 'none'}"
+        f"; shape mismatches: {mismatched or 'none'}. Build the FP and the "
+        "quantized model from the same module and config"
+    )
+
+  def fill(path, value, siblings):
+    if path in fp_flat:
+      return jnp.asarray(fp_flat[path])
+    if isinstance(value, jax.ShapeDtypeStruct):
+      return jnp.full(value.shape, _init_value(path, siblings), value.dtype)
+    return value
+
+  def walk(tree, prefix):
+    return {
+        k: walk(v, prefix + (k,)) if isinstance(v, Mapping)
+        else fill(prefix + (k,), v, tree)
+        for k, v in tree.items()
+    }
+
+  return walk(quantized_variables, ())
+
+
+def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree

@@ -1,0 +1,460 @@
+"""Tests for gdnsq_jax.quantizers (arXiv 2508.14004; method spec 2-4, 14.1-8).
+
+Every expected value is hand-derived in numpy float32 from the spec formulas.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdnsq_jax import quantizers
+
+LN2 = math.log(2.0)
+RHO = 0.5 / math.sqrt(3.0)  # default dither amplitude, variance 1/12
+
+
+def _kernel(seed=0, shape=(3, 3, 2, 4), scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _weight_reference(kernel, log2_step, per_channel=True):
+  """numpy s*round((W - z)/s) + z with z the channel (or tensor) minimum."""
+  w = np.asarray(kernel, np.float32)
+  s = np.exp2(np.asarray(log2_step, np.float32))
+  axes = tuple(range(w.ndim - 1)) if per_channel else None
+  z = w.min(axis=axes, keepdims=per_channel)
+  codes = np.round((w - z) / s)
+  return s * codes + z, z, s, (w - z) / s
+
+
+def _activation_reference(x, log2_step, log2_range, clamp_low):
+  x = np.asarray(x, np.float32)
+  s, q = np.float32(2.0**log2_step), np.float32(2.0**log2_range)
+  b = np.float32(clamp_low)
+  v = (np.clip(x, b, b + q - s) - b) / s
+  return s * np.round(v) + b, v
+
+
+def _weight_loss(kernel, log2_step, upstream, key=None, **kwargs):
+  return jnp.sum(
+      upstream * quantizers.quantize_weight(kernel, log2_step, key, **kwargs)
+  )
+
+
+def _activation_loss(x, log2_step, log2_range, clamp_low, upstream, key=None,
+                     **kwargs):
+  out = quantizers.quantize_activation(
+      x, log2_step, log2_range, clamp_low, key, **kwargs)
+  return jnp.sum(upstream * out)
+
+
+class ForwardTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(True, False)
+  def test_weight_forward_and_codes(self, per_channel):
+    kernel = _kernel()
+    log2_step = jnp.array([-3.0, -2.0, -4.0, -1.0]) if per_channel else -3.0
+    fn = self.variant(functools.partial(
+        quantizers.quantize_weight, per_channel=per_channel))
+    out = np.asarray(fn(kernel, jnp.asarray(log2_step)))
+    expected, z, s, v = _weight_reference(kernel, log2_step, per_channel)
+    chex.assert_trees_all_close(out, expected, atol=1e-6, rtol=1e-6)
+    codes = (out - z) / s
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-4)
+    axes = tuple(range(3)) if per_channel else None
+    np.testing.assert_array_equal(np.rint(codes).min(axis=axes), 0.0)
+    np.testing.assert_array_equal(
+        np.rint(codes).max(axis=axes), np.round(v.max(axis=axes)))
+    # The channel minimum is exactly representable: it maps to code 0.
+    w = np.asarray(kernel)
+    at_min = w == w.min(axis=axes, keepdims=per_channel)
+    np.testing.assert_array_equal(out[at_min], w[at_min])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_activation_forward_and_codes(self):
+    x = 3.0 * jax.random.normal(jax.random.key(1), (6, 5))
+    params = (-2.0, 1.0, -0.7)  # s = 1/4, q = 2, interval [-0.7, 1.05]
+    out = np.asarray(self.variant(quantizers.quantize_activation)(x, *params))
+    expected, _ = _activation_reference(x, *params)
+    chex.assert_trees_all_close(out, expected, atol=1e-6, rtol=1e-6)
+    codes = (out + 0.7) / 0.25
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-4)
+    self.assertEqual(np.rint(codes).min(), 0.0)
+    self.assertEqual(np.rint(codes).max(), round(2.0 / 0.25 - 1.0))
+
+  def test_disabled_activation_quantizer_is_identity(self):
+    x = jax.random.normal(jax.random.key(2), (4, 3))
+    out = quantizers.quantize_activation(x, -2.0, 1.0, 0.0, enabled=False)
+    np.testing.assert_array_equal(out, x)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_in_bfloat16_out_with_float32_math(self):
+    kernel = _kernel(scale=3.0).astype(jnp.bfloat16)
+    log2_step = jnp.array([-5.0, -4.0, -6.0, -3.0])
+    out = self.variant(quantizers.quantize_weight)(kernel, log2_step)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    expected, *_ = _weight_reference(kernel.astype(jnp.float32), log2_step)
+    np.testing.assert_array_equal(
+        np.asarray(out, np.float32),
+        np.asarray(jnp.asarray(expected).astype(jnp.bfloat16), np.float32))
+    x = kernel.reshape(-1, 4)
+    act = self.variant(quantizers.quantize_activation)(x, -4.0, 2.0, -1.0)
+    self.assertEqual(act.dtype, jnp.bfloat16)
+    # The rounding itself runs in float32.
+    for fn, args in ((quantizers.quantize_weight, (kernel, log2_step)),
+                     (quantizers.quantize_activation, (x, -4.0, 2.0, -1.0))):
+      jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+      rounds = [e for e in jaxpr.eqns if e.primitive.name == "custom_vjp_call"]
+      self.assertLen(rounds, 1)
+      self.assertEqual(rounds[0].invars[0].aval.dtype, jnp.float32)
+
+
+class WeightGradientTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      itertools.product((True, False), (None, 0), ("uniform12", "pure")))
+  def test_ste_kernel_gradient_is_upstream(self, per_channel, seed, dither):
+    kernel = _kernel()
+    upstream = _kernel(seed=5)
+    log2_step = jnp.full((4,) if per_channel else (), -2.0)
+    key = None if seed is None else jax.random.key(seed)
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, per_channel=per_channel, dither=dither)))(
+            kernel, log2_step, upstream, key)
+    # Exactly G everywhere, the channel minima included: the zero point path
+    # cancels, so the zero point itself receives no gradient.
+    np.testing.assert_array_equal(grad, upstream)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(True, False)
+  def test_step_gradient_without_dither_is_sum_g_n(self, per_channel):
+    kernel, upstream = _kernel(), _kernel(seed=5)
+    log2_step = jnp.full((4,) if per_channel else (), -1.5)
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, per_channel=per_channel), argnums=1))(
+            kernel, log2_step, upstream)
+    self.assertEqual(grad.shape, log2_step.shape)
+    _, _, s, v = _weight_reference(kernel, log2_step, per_channel)
+    axes = (0, 1, 2) if per_channel else None
+    g_n = np.sum(np.asarray(upstream) * (np.round(v) - v), axis=axes)
+    chex.assert_trees_all_close(grad, LN2 * s.reshape(-1)[0] * g_n, rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lsq_step_gradient_is_exact(self):
+    kernel, upstream = _kernel(), _kernel(seed=5)
+    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0])
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, estimator="lsq"), argnums=1))(
+            kernel, log2_step, upstream, jax.random.key(3))
+    _, _, s, v = _weight_reference(kernel, log2_step)
+    s = s.reshape(-1)
+    g_n = np.sum(np.asarray(upstream) * (np.round(v) - v), axis=(0, 1, 2))
+    # dL/ds = sum G n (1 + s), chained to log2_step by ln2 * s.
+    chex.assert_trees_all_close(grad, LN2 * s * g_n * (1 + s), rtol=1e-5)
+
+
+def _step_cotangent(v, key, dither="uniform12", estimator="ste"):
+  """Per-element step term of rounding_noise for upstream gradient 1."""
+  step = jnp.ones_like(v)  # same shape as v: nothing is summed
+  _, vjp = jax.vjp(
+      lambda v, s: quantizers.rounding_noise(v, s, key, estimator, dither),
+      v, step)
+  return vjp(jnp.ones_like(v))[1]
+
+
+class DitherTest(chex.TestCase):
+
+  @parameterized.parameters(("uniform12", RHO), ("half", 0.5))
+  def test_per_element_values_mean_and_variance(self, dither, amplitude):
+    v = jax.random.uniform(jax.random.key(0), (64, 256), maxval=10.0)
+    keys = jax.random.split(jax.random.key(1), 8)
+    terms = np.asarray(jax.vmap(
+        lambda k: _step_cotangent(v, k, dither))(keys), np.float64)
+    np.testing.assert_allclose(np.unique(np.abs(terms)), [amplitude],
+                               rtol=1e-6)
+    n = terms.size
+    self.assertLess(abs(terms.mean()), 5 * amplitude / math.sqrt(n))
+    self.assertAlmostEqual(terms.var(), amplitude**2, delta=0.01 * amplitude**2)
+    # Per key as well: every key has mean ~0.
+    per_key = terms.reshape(8, -1).mean(axis=1)
+    self.assertLess(np.abs(per_key).max(), 5 * amplitude / math.sqrt(n / 8))
+
+  def test_keys_change_signs_and_same_key_repeats(self):
+    v = jnp.linspace(0.0, 20.0, 4096)
+    a = np.sign(_step_cotangent(v, jax.random.key(0)))
+    b = np.sign(_step_cotangent(v, jax.random.key(1)))
+    np.testing.assert_array_equal(
+        a, np.sign(_step_cotangent(v, jax.random.key(0))))
+    self.assertBetween(np.mean(a != b), 0.45, 0.55)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_weight_step_gradient_sums_per_channel(self):
+    kernel, upstream = _kernel(), _kernel(seed=5)
+    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0])
+    key = jax.random.key(7)
+    grad = self.variant(jax.grad(_weight_loss, argnums=1))(
+        kernel, log2_step, upstream, key)
+    self.assertEqual(grad.shape, (4,))
+    _, _, s, v = _weight_reference(kernel, log2_step)
+    rho = np.asarray(_step_cotangent(jnp.asarray(v), key))
+    g = np.asarray(upstream)
+    expected = np.sum(g * (np.round(v) - v + s * rho), axis=(0, 1, 2))
+    chex.assert_trees_all_close(
+        grad, LN2 * s.reshape(-1) * expected, rtol=1e-5, atol=1e-6)
+
+
+class StepGradientStatisticsTest(parameterized.TestCase):
+  """Averages over many keys (spec 4.3: dL/ds -> sum G n; pure: sum G rho)."""
+
+  def setUp(self):
+    super().setUp()
+    self.kernel = _kernel(shape=(16, 3))
+    self.upstream = _kernel(seed=5, shape=(16, 3))
+    self.log2_step = jnp.array([-1.0, -0.5, -2.0])
+    self.keys = jax.random.split(jax.random.key(11), 4096)
+    _, _, s, v = _weight_reference(self.kernel, self.log2_step)
+    self.s = s.reshape(-1)
+    g = np.asarray(self.upstream, np.float64)
+    self.g_n = np.sum(g * (np.round(v) - v), axis=0)
+    self.g2 = np.sum(g * g, axis=0)
+
+  def _step_grads(self, dither):
+    grad = jax.grad(functools.partial(_weight_loss, dither=dither), argnums=1)
+    per_key = jax.jit(jax.vmap(grad, in_axes=(None, None, None, 0)))(
+        self.kernel, self.log2_step, self.upstream, self.keys)
+    return np.asarray(per_key, np.float64) / (LN2 * self.s)  # dL/ds per key
+
+  def test_ste_mean_tends_to_sum_g_n(self):
+    grads = self._step_grads("uniform12")
+    sigma = self.s * np.sqrt(self.g2 / 12.0)  # std of s * sum G rho
+    k = len(self.keys)
+    np.testing.assert_array_less(
+        np.abs(grads.mean(axis=0) - self.g_n), 5 * sigma / math.sqrt(k))
+    np.testing.assert_allclose(grads.std(axis=0), sigma, rtol=0.1)
+
+  def test_pure_dither_has_zero_mean_and_is_sum_g_rho(self):
+    pure = self._step_grads("pure")
+    ste = self._step_grads("uniform12")
+    sigma = np.sqrt(self.g2 / 12.0)
+    k = len(self.keys)
+    np.testing.assert_array_less(np.abs(pure.mean(axis=0)),
+                                 5 * sigma / math.sqrt(k))
+    np.testing.assert_allclose(pure.std(axis=0), sigma, rtol=0.1)
+    # Same key, same rho: ste = sum G n + s * sum G rho, pure = sum G rho.
+    np.testing.assert_allclose(pure, (ste - self.g_n) / self.s,
+                               rtol=1e-4, atol=1e-4)
+
+
+class ActivationGradientTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_clamp_masks_route_gradients(self):
+    # b = 0, s = 1, q = 4: interval [0, 3]; ties at 0 and 3.
+    x = jnp.array([-2.0, 0.0, 0.4, 1.5, 2.2, 3.0, 3.2, 7.0, -0.5])
+    upstream = jnp.array([0.3, -1.1, 0.7, 2.0, -0.4, 1.3, -0.8, 0.6, 1.9])
+    grads = self.variant(jax.grad(_activation_loss, argnums=(0, 1, 2, 3)))(
+        x, 0.0, 2.0, 0.0, upstream)
+    gx, gl_s, gl_q, gb = (np.asarray(g) for g in grads)
+    g = np.asarray(upstream)
+    below, above = np.asarray(x) < 0.0, np.asarray(x) > 3.0
+    inside = ~below & ~above
+    np.testing.assert_array_equal(gx, np.where(inside, g, 0.0))
+    chex.assert_trees_all_close(gb, g[below | above].sum(), rtol=1e-6)
+    chex.assert_trees_all_close(gl_q, LN2 * 4.0 * g[above].sum(), rtol=1e-6)
+    _, v = _activation_reference(x, 0.0, 2.0, 0.0)
+    g_n = np.sum(g * (np.round(v) - v))  # no key: no dither
+    chex.assert_trees_all_close(gl_s, LN2 * (g_n - g[above].sum()), rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_post_relu_zeros_do_not_leak_into_clamp_low(self):
+    x = jax.nn.relu(jax.random.normal(jax.random.key(3), (8, 8)))
+    upstream = jax.random.normal(jax.random.key(4), (8, 8))
+    gx, gb = self.variant(jax.grad(_activation_loss, argnums=(0, 3)))(
+        x, -3.0, 10.0, 0.0, upstream, jax.random.key(5))
+    self.assertGreater(int(jnp.sum(x == 0.0)), 10)
+    self.assertEqual(float(gb), 0.0)
+    np.testing.assert_array_equal(gx, upstream)
+
+
+class EWGSTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ewgs_input_gradient(self):
+    # x_hat = W + s N(v): dL/dW = G + s dN/dv / s = G + 0.01 |G| (v - round v)
+    # directly; the zero point (channel argmin) also collects
+    # -sum 0.01 |G| (v - round v) of its channel.
+    kernel, upstream = _kernel(), _kernel(seed=5)
+    log2_step = jnp.array([-3.0, -2.0, -4.0, -1.0])
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, estimator="ewgs")))(
+            kernel, log2_step, upstream, jax.random.key(0))
+    _, _, _, v = _weight_reference(kernel, log2_step)
+    g = np.asarray(upstream)
+    correction = 0.01 * np.abs(g) * (v - np.round(v))
+    w = np.asarray(kernel)
+    at_min = w == w.min(axis=(0, 1, 2), keepdims=True)
+    expected = g + correction - at_min * correction.sum(axis=(0, 1, 2))
+    chex.assert_trees_all_close(grad, expected, atol=1e-6, rtol=1e-5)
+    x = kernel.reshape(-1, 4)  # inside the interval: pure EWGS on x
+    gx = self.variant(jax.grad(functools.partial(
+        _activation_loss, estimator="ewgs")))(
+            x, -3.0, 4.0, -8.0, upstream.reshape(-1, 4))
+    _, v = _activation_reference(x, -3.0, 4.0, -8.0)
+    g = g.reshape(-1, 4)
+    chex.assert_trees_all_close(
+        gx, g + 0.01 * np.abs(g) * (v - np.round(v)), atol=1e-6, rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_aewgs_delta_per_channel_with_variance_floor(self):
+    rng = np.random.default_rng(0)
+    s = np.float32(0.25)
+    # Channel 0 sits within +-0.01 of the grid: var(e) < 1e-3 hits the floor.
+    v = np.stack([rng.integers(0, 8, 32) + rng.uniform(-0.01, 0.01, 32),
+                  rng.uniform(0, 8, 32), rng.uniform(0, 8, 32)], axis=-1)
+    v[0] = 0.0  # each channel's minimum is its zero point
+    kernel = jnp.asarray(s * v, jnp.float32)
+    upstream = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, estimator="aewgs")))(
+            kernel, jnp.full((3,), -2.0), upstream)
+    _, _, _, v = _weight_reference(kernel, jnp.full((3,), -2.0))
+    e, g = np.round(v) - v, np.asarray(upstream)
+    var = (e * e).mean(axis=0) - e.mean(axis=0) ** 2
+    self.assertLess(var[0], 1e-3)
+    delta = (np.sign(g) * e).mean(axis=0) / np.maximum(var, 1e-3)
+    phi = np.minimum(delta * np.sign(g) * e, 0.99)
+    at_min = np.arange(v.shape[0])[:, None] == 0
+    expected = g * (1 - phi) + at_min * (g * phi).sum(axis=0)
+    chex.assert_trees_all_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+  def test_aewgs_multiplier_at_least_one_percent(self):
+    v = jax.random.uniform(jax.random.key(0), (64, 8), maxval=6.0)
+    g = jax.random.normal(jax.random.key(1), (64, 8))
+    for shape in ((8,), ()):
+      _, vjp = jax.vjp(lambda v, s: quantizers.rounding_noise(
+          v, s, None, "aewgs"), v, jnp.ones(shape))
+      multiplier = 1.0 + vjp(g)[0] / g  # (g + v-term) / g = 1 - phi
+      self.assertGreaterEqual(float(multiplier.min()), 0.01 - 1e-6)
+      self.assertLess(float(multiplier.min()), 0.5)  # phi is not trivial
+
+  def test_aewgs_axis_name_averages_statistics_across_devices(self):
+    x = 2.0 * jax.random.normal(jax.random.key(0), (8, 5))
+    upstream = jax.random.normal(jax.random.key(1), (8, 5))
+
+    def input_grad(x, g, axis_name=None):
+      return jax.grad(functools.partial(
+          _activation_loss, estimator="aewgs", axis_name=axis_name))(
+              x, -2.0, 6.0, -32.0, g)
+
+    full = np.asarray(input_grad(x, upstream))
+    _, v = _activation_reference(x, -2.0, 6.0, -32.0)
+    e, g = np.round(v) - v, np.asarray(upstream)
+    delta = np.mean(np.sign(g) * e) / max(np.var(e), 1e-3)
+    expected = g * (1 - np.minimum(delta * np.sign(g) * e, 0.99))
+    chex.assert_trees_all_close(full, expected, atol=1e-5, rtol=1e-5)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    sharded = jax.jit(jax.shard_map(
+        functools.partial(input_grad, axis_name="data"), mesh=mesh,
+        in_specs=(spec, spec), out_specs=spec))(x, upstream)
+    chex.assert_trees_all_close(sharded, full, atol=1e-6, rtol=1e-6)
+    mapped = jax.vmap(functools.partial(input_grad, axis_name="data"),
+                      axis_name="data")(
+                          x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
+    chex.assert_trees_all_close(mapped.reshape(8, 5), full, atol=1e-6,
+                                rtol=1e-6)
+    local = jax.vmap(input_grad)(x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
+    self.assertGreater(float(jnp.abs(local.reshape(8, 5) - full).max()), 1e-3)
+
+
+class EstimatorGridTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      itertools.product(quantizers.ESTIMATORS, quantizers.DITHERS))
+  def test_finite_gradients_on_extremes(self, estimator, dither):
+    base = _kernel(shape=(3, 4))
+    equal = jnp.ones((3, 4)).at[:, 1].set(-2.0)  # min == max in every channel
+    kernels, log2_steps = [], []
+    for kernel, log2_step in itertools.product(
+        (base, 1e30 * base, equal), (-30.0, -12.0, 0.0, 30.0)):
+      kernels.append(kernel)
+      log2_steps.append(jnp.full((4,), log2_step))
+    kw = dict(estimator=estimator, dither=dither)
+    grads = jax.jit(jax.vmap(
+        jax.grad(functools.partial(_weight_loss, **kw), argnums=(0, 1)),
+        in_axes=(0, 0, None, None)))(
+            jnp.stack(kernels), jnp.stack(log2_steps), base,
+            jax.random.key(0))
+    for g in grads:
+      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), (estimator, dither))
+    act_cases = jnp.array([  # scale of x, log2_step, log2_range, clamp_low
+        [1.0, -30.0, -20.0, 0.0], [1.0, 30.0, 40.0, -1.0],
+        [1e30, -12.0, 100.0, -1e30], [1e30, -30.0, 101.0, -1e30],
+        [0.0, -2.0, 1.0, 0.0], [1.0, 0.0, -5.0, 0.0]])
+    act_grads = jax.jit(jax.vmap(
+        jax.grad(lambda c, x, g, key: _activation_loss(
+            c[0] * x, c[1], c[2], c[3], g, key, **kw)),
+        in_axes=(0, None, None, None)))(
+            act_cases, base, base, jax.random.key(1))
+    self.assertTrue(bool(jnp.all(jnp.isfinite(act_grads))), act_grads)
+
+
+class ValidationTest(parameterized.TestCase):
+
+  def test_unknown_estimator_lists_valid_names(self):
+    for fn, args in ((quantizers.quantize_weight, (_kernel(), jnp.zeros(4))),
+                     (quantizers.quantize_activation, (_kernel(), 0., 2., 0.))):
+      with self.assertRaisesRegex(
+          ValueError, r"unknown estimator 'st'.*aewgs, ewgs, lsq, ste"):
+        fn(*args, estimator="st")
+      with self.assertRaisesRegex(
+          ValueError, r"unknown dither 'gauss'.*uniform12, half, pure"):
+        fn(*args, dither="gauss")
+
+  @parameterized.parameters(((), True), ((3,), True), ((4,), False))
+  def test_wrong_log2_step_shape(self, shape, per_channel):
+    with self.assertRaisesRegex(ValueError, r"log2_step has shape .* needs"):
+      quantizers.quantize_weight(_kernel(), jnp.zeros(shape),
+                                 per_channel=per_channel)
+
+  def test_activation_parameters_must_be_scalars(self):
+    with self.assertRaisesRegex(ValueError, "log2_range must be a scalar"):
+      quantizers.quantize_activation(_kernel(), 0.0, jnp.zeros(2), 0.0)
+
+
+class VmapTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_vmap_over_a_batch_of_kernels(self):
+    kernels = _kernel(shape=(5, 3, 4))
+    log2_steps = -jax.random.uniform(jax.random.key(1), (5, 4), maxval=4.0)
+    keys = jax.random.split(jax.random.key(2), 5)
+    upstream = _kernel(seed=3, shape=(3, 4))
+    grad = jax.grad(functools.partial(_weight_loss, estimator="aewgs"),
+                    argnums=(0, 1))
+    batched = self.variant(jax.vmap(grad, in_axes=(0, 0, None, 0)))(
+        kernels, log2_steps, upstream, keys)
+    outs = self.variant(jax.vmap(quantizers.quantize_weight))(
+        kernels, log2_steps)
+    for i in range(5):
+      chex.assert_trees_all_close(
+          outs[i], quantizers.quantize_weight(kernels[i], log2_steps[i]))
+      single = grad(kernels[i], log2_steps[i], upstream, keys[i])
+      chex.assert_trees_all_close(
+          (batched[0][i], batched[1][i]), single, atol=1e-6, rtol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()

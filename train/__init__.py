@@ -1,0 +1,1 @@
+"""The gdnsq-jax training program: configs -> train -> gdnsq_jax."""

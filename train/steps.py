@@ -1,0 +1,172 @@
+"""The train state and the pure train / eval steps (jitted by train_lib).
+
+One ``train_step(state, batch, teacher_variables)``: the teacher is an
+argument, evaluated under ``stop_gradient`` and never donated or stored in
+the state, so it is neither differentiated nor checkpointed with the student.
+The dither key of step ``k`` is ``fold_in(state.rng, k)``, so a resumed run
+draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from gdnsq_jax import bitwidths
+from gdnsq_jax import losses
+from gdnsq_jax import penalty
+from gdnsq_jax.layers import NOISE_RNG
+from gdnsq_jax.layers import QUANT_STATS
+
+LABELS = "labels"  # config.distill.loss value: train on labels, no teacher.
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; checkpointed whole (Decision D16).
+
+  Attributes:
+    step: completed optimizer steps.
+    params: model params (quantizer params included).
+    batch_stats: BatchNorm running statistics.
+    opt_state: optimizer state (penalty t / running loss, LR factor, RAdam).
+    trainable: bool pytree like ``params``; False leaves get no update
+      (frozen quantizers, a frozen clamp).
+    rng: raw PRNG key data; step ``k`` uses ``fold_in(rng, k)``.
+    converged: whether the last evaluation met the target widths.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  trainable: Any
+  rng: jax.Array
+  converged: jax.Array
+
+
+def create_state(variables, tx, trainable, rng) -> TrainState:
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      trainable=trainable,
+      rng=jnp.asarray(rng, jnp.uint32),
+      converged=jnp.zeros((), bool),
+  )
+
+
+def make_task_loss(name: str, temperature: float) -> Callable[..., jax.Array]:
+  """``(logits, teacher_logits, labels) -> scalar`` for a config name."""
+  if name == LABELS:
+    return lambda logits, teacher_logits, labels: losses.cross_entropy_loss(
+        logits, labels)
+  fn = losses.get_distillation_loss(name)
+  return lambda logits, teacher_logits, labels: fn(
+      logits, teacher_logits, temperature=temperature)
+
+
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformationExtraArgs,
+    task_loss: Callable[..., jax.Array],
+    teacher_model: Optional[Any] = None,
+    quantized: bool = True,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds ``train_step(state, batch, teacher_variables)``.
+
+  Args:
+    model: object with a Flax-style ``apply`` (a Linen module or a
+      :class:`gdnsq_jax.interception.QuantizedModel`).
+    tx: optimizer whose ``update`` accepts ``value=`` and ``converged=``.
+    task_loss: from :func:`make_task_loss`.
+    teacher_model: FP model applied to ``teacher_variables`` (None: labels).
+    quantized: add bit-width metrics and pass the quantizer noise stream.
+
+  Returns:
+    The pure step; metrics are a flat dict of scalars.
+  """
+
+  def train_step(state: TrainState, batch, teacher_variables):
+    images, labels = batch["image"], batch["label"]
+    teacher_logits = None
+    if teacher_model is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_model.apply(teacher_variables, images, train=False))
+    rngs = {NOISE_RNG: jax.random.fold_in(state.rng, state.step)}
+
+    def loss_fn(params):
+      logits, new_vars = model.apply(
+          {"params": params, "batch_stats": state.batch_stats},
+          images, train=True, rngs=rngs, mutable=["batch_stats"])
+      loss = task_loss(logits, teacher_logits, labels)
+      return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    grads = jax.tree.map(
+        lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads,
+        state.trainable)
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, value=loss,
+        converged=state.converged)
+    updates = jax.tree.map(
+        lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates,
+        state.trainable)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": loss,
+        "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "train/grad_norm": optax.global_norm(grads),
+    }
+    metrics.update(penalty.schedule_metrics(opt_state)
+                   if quantized else {})
+    if quantized:
+      w, a = bitwidths.differentiable_bitwidths(params)
+      if w.size:
+        metrics["bits/weight_diff_max"] = jnp.max(w)
+        metrics["bits/weight_diff_mean"] = jnp.mean(w)
+      if a.size:
+        metrics["bits/activation_diff_max"] = jnp.max(a)
+        metrics["bits/activation_diff_mean"] = jnp.mean(a)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats,
+        opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Any, quantized: bool = True):
+  """Builds ``eval_step(variables, batch) -> sums`` (deterministic rounding).
+
+  Returns per-batch sums (correct predictions, label cross-entropy, count)
+  and, for quantized models, the min / max integer code of every activation
+  quantizer (masked rows excluded by the caller's padding: padded rows are
+  zeros, which lie inside the calibrated range of the normalised inputs,
+  hence the codes of padded rows are excluded explicitly below).
+  """
+
+  def eval_step(variables, batch):
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    if quantized:
+      logits, stats = model.apply(variables, images, train=False,
+                                  mutable=[QUANT_STATS])
+    else:
+      logits, stats = model.apply(variables, images, train=False), {}
+    m = mask.astype(jnp.float32)
+    ce = jax.vmap(losses.cross_entropy_loss)(logits, labels)
+    out = {
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * m),
+        "loss": jnp.sum(ce * m),
+        "count": jnp.sum(m),
+    }
+    return out, stats.get(QUANT_STATS, {})
+
+  return eval_step

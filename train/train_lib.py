@@ -1,0 +1,233 @@
+"""GDNSQ fine-tuning: teacher, calibration, sharded training, evaluation.
+
+``train_and_evaluate(config, workdir)`` is the whole program; ``main.py``
+only parses flags. Layout of ``workdir``::
+
+  teacher/variables/   FP teacher (trained here unless config.teacher.checkpoint)
+  checkpoints/<step>/  latest full train states (resume points)
+  best/<step>/         best converged state by validation accuracy
+  tensorboard/         scalars
+  results.json, bitwidths.txt, bitwidth_dynamics.png
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gdnsq_jax import bitwidths
+from gdnsq_jax import calibration
+from gdnsq_jax import interception
+from gdnsq_jax import layers
+from gdnsq_jax import penalty
+from train import checkpointing
+from train import evaluation
+from train import input_pipeline
+from train import loop
+from train import models
+from train import reporting
+from train import sharding
+from train import steps
+from train import teacher as teacher_lib
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any data or compile work, on inconsistent keys."""
+  if config.mode not in ("fp", "quantize"):
+    raise ValueError(f"config.mode={config.mode!r}; choose 'fp' or 'quantize'")
+  if config.distill.loss != steps.LABELS:
+    steps.make_task_loss(config.distill.loss, config.distill.temperature)
+  models.get_model  # name checked when built
+  if config.data.name == "npz" and not config.data.path:
+    raise ValueError("config.data.name='npz' needs --config.data.path=<file.npz>")
+  for key in ("batch_size", "eval_batch_size"):
+    if config.data[key] <= 0:
+      raise ValueError(f"config.data.{key} must be positive")
+  if config.train.num_steps < 0:
+    raise ValueError("config.train.num_steps must be >= 0")
+
+
+def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
+  name = config.data.path if config.data.name == "npz" else config.data.name
+  return input_pipeline.load_dataset(
+      name, data_dir=config.data.data_dir or None,
+      validation_size=config.data.validation_size, seed=config.seed)
+
+
+def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
+  q = config.quant
+  return layers.QuantSettings(
+      weight_bits=q.weight_bits, activation_bits=q.activation_bits,
+      estimator=q.estimator, activation_estimator=q.activation_estimator,
+      per_channel=q.per_channel, dither=q.dither,
+      learnable_clamp_low=q.learnable_clamp_low,
+      calibration_bits=q.calibration_bits if q.gradual else q.weight_bits)
+
+
+def quant_rules(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  q = config.quant
+  rules = {"quantize_stem": q.quantize_stem,
+           "quantize_classifier": q.quantize_classifier,
+           "quantize_1x1": q.quantize_1x1}
+  if q.exclude:
+    rules["exclude"] = (q.exclude,)
+  return rules
+
+
+def make_optimizer(config, activation_bits):
+  o = config.optim
+  return penalty.gdnsq_optimizer(
+      bitwidths.differentiable_bitwidths,
+      learning_rate=o.learning_rate,
+      weight_bits=config.quant.weight_bits,
+      activation_bits=activation_bits,
+      warmup_steps=o.warmup_steps, gamma=o.gamma,
+      t_increment=None if o.t_increment < 0 else o.t_increment,
+      b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def _calibration_batches(config, dataset, mesh):
+  it = input_pipeline.eval_batches(
+      dataset, "train", global_batch_size=config.data.batch_size)
+  for i, batch in enumerate(it):
+    if i >= config.data.calibration_batches:
+      break
+    yield sharding.host_to_global(
+        {"image": batch["image"]}, mesh)["image"]
+
+
+def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
+  """Calibrated quantized state from the FP variables (spec section 6)."""
+  sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
+                                jnp.float32)
+  abstract = jax.eval_shape(
+      lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
+  variables = interception.add_quantizer_params(fp_variables, abstract)
+  variables, trainable = calibration.calibrate(
+      qmodel, variables, list(_calibration_batches(config, dataset, mesh)),
+      bits=qmodel.settings.calibration_bits)
+  rng = jax.random.key_data(jax.random.key(config.seed + 2))
+  return steps.create_state(variables, tx, trainable, rng)
+
+
+def _abstract_loop_state(qmodel, dataset, tx):
+  """Shapes of the checkpointed loop state (``jax.eval_shape``)."""
+  sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
+                                jnp.float32)
+
+  def build(x):
+    variables = qmodel.init(jax.random.key(0), x, train=False)
+    trainable = jax.tree.map(lambda _: jnp.asarray(True),
+                             variables["params"])
+    rng = jax.random.key_data(jax.random.key(0))
+    return loop.LoopState.initial(
+        steps.create_state(variables, tx, trainable, rng))
+
+  return jax.eval_shape(build, sample)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict[str, Any]:
+  """Runs the configured job in ``workdir``; returns the results dict."""
+  start_time = time.time()
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  main = sharding.is_main_process()
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  sharding.log_topology(mesh)
+  for key in ("batch_size", "eval_batch_size"):
+    sharding.check_global_batch(config.data[key], mesh)
+  dataset = load_data(config)
+  model = models.get_model(config.model.name, dataset.num_classes,
+                           dtype=getattr(jnp, config.model.dtype))
+  writer = reporting.MetricWriter(
+      os.path.join(workdir, "tensorboard") if main else None)
+  try:
+    fp_variables, teacher_source = teacher_lib.load_or_train_teacher(
+        config, workdir, model, dataset, mesh, writer)
+    fp_val = teacher_lib.evaluate_fp(model, fp_variables, dataset,
+                                     "validation", config, mesh)
+    fp_test = teacher_lib.evaluate_fp(model, fp_variables, dataset, "test",
+                                      config, mesh)
+    results = {
+        "mode": config.mode, "preset": config.preset,
+        "model": config.model.name, "dataset": dataset.name,
+        "teacher": teacher_source,
+        "fp_validation_accuracy": fp_val.accuracy,
+        "fp_test_accuracy": fp_test.accuracy,
+        "device_kind": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+    }
+    if config.mode == "quantize":
+      results.update(quantize(config, workdir, model, fp_variables, dataset,
+                              mesh, writer))
+    results["wall_time_s"] = time.time() - start_time
+    if main:
+      reporting.write_json_atomic(os.path.join(workdir, "results.json"),
+                                  results)
+    return results
+  finally:
+    writer.close()
+
+
+def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
+  """GDNSQ fine-tuning of ``model`` from ``fp_variables``; returns results."""
+  settings = quant_settings(config)
+  sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
+                                jnp.float32)
+  qmodel = interception.quantize_model(
+      model, sample, settings=settings, rules=quant_rules(config),
+      train=False)
+  report = interception.quantization_report(qmodel)
+  if sharding.is_main_process():
+    logging.info("quantization placement:\n%s",
+                 interception.format_quantization_report(report))
+  activation_bits = (config.quant.activation_bits
+                     if settings.quantize_activations else None)
+  tx = make_optimizer(config, activation_bits)
+  checkpoints = checkpointing.StateCheckpointer(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.train.max_checkpoints_to_keep)
+  best = checkpointing.StateCheckpointer(os.path.join(workdir, "best"), 1)
+  # Resume order: (1) the latest checkpoint in <workdir>/checkpoints (an
+  # interrupted run continues exactly: params, optimizer and schedule state,
+  # data position, RNG, early-stopping counters); (2) otherwise a fresh,
+  # calibrated state from the FP teacher variables.
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    target = _abstract_loop_state(qmodel, dataset, tx)
+    loop_state = checkpoints.restore(latest, target)
+    logging.info("resumed from %s", checkpoints.step_dir(latest))
+  else:
+    loop_state = loop.LoopState.initial(
+        _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx))
+  fp_paths = [r.path for r in report if not r.quantized]
+  out = loop.fit(
+      config=config, qmodel=qmodel, teacher_model=model,
+      teacher_variables=fp_variables, loop_state=loop_state, tx=tx,
+      dataset=dataset, mesh=mesh, writer=writer, checkpoints=checkpoints,
+      best=best, workdir=workdir, activation_bits=activation_bits)
+  checkpoints.close()
+  best.close()
+  out["fp_layers"] = fp_paths
+  out["quantized_layers"] = [r.path for r in report if r.quantized]
+  if sharding.is_main_process():
+    summary = out.pop("_summary")
+    table = reporting.format_bitwidth_table(
+        summary, fp_paths, config.quant.weight_bits, activation_bits)
+    with open(os.path.join(workdir, "bitwidths.txt"), "w") as f:
+      f.write(table + "\n")
+    print(table)
+  else:
+    out.pop("_summary")
+  return out
