@@ -66,6 +66,8 @@ def get_config(
   c.model = ml_collections.ConfigDict()
   c.model.name = "digits_resnet"  # digits_resnet | resnet20 | resnet18
   c.model.dtype = "float32"  # Compute dtype (bfloat16 allowed; numerics stay f32).
+  c.model.stage_widths = ()  # Channels per stage; () = the model's default.
+  c.model.stem_width = 0  # Stem channels; 0 = the model's default.
 
   c.quant = ml_collections.ConfigDict()
   c.quant.weight_bits = weight_bits  # Target weight bits (W).

@@ -216,6 +216,9 @@ class QuantizedModel:
       )
     if path not in self.quantized_paths:
       return next_fun(*args, **kwargs)
+    if not args and "inputs" in kwargs:  # conv(inputs=x)
+      kwargs = dict(kwargs)
+      args = (kwargs.pop("inputs"),)
     return qlayers.apply_quantized_layer(
         module,
         next_fun,
@@ -383,9 +386,9 @@ def add_quantizer_params(fp_variables: Mapping[str, Any],
   if unexpected or missing or mismatched:
     raise ValueError(
         "FP variables do not fit the quantized model; in FP only: "
-        f"{unexpected or 'none'}; missing from FP: {sorted(missing) or 'none'}"
-        f"; shape mismatches: {mismatched or 'none'}. Build the FP and the "
-        "quantized model from the same module and config"
+        f"{_listing(unexpected)}; missing from FP: {_listing(sorted(missing))}"
+        f"; shape mismatches: {_listing(sorted(mismatched))}. Build the FP "
+        "and the quantized model from the same module and config"
     )
 
   def fill(path, value, siblings):
@@ -403,6 +406,15 @@ def add_quantizer_params(fp_variables: Mapping[str, Any],
     }
 
   return walk(quantized_variables, ())
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+  """``items`` as a list, cut after ``limit`` entries with a count."""
+  if not items:
+    return "none"
+  if len(items) <= limit:
+    return str(items)
+  return f"{items[:limit]} and {len(items) - limit} more"
 
 
 def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:

@@ -157,7 +157,7 @@ def _scalar_param(module: nn.Module, name: str, value: float) -> jax.Array:
 
 
 class QuantAct(nn.Module):
-  """Per-tensor activation quantizer ``s * round((clip(x, b, b+q-s) - b)/s) + b``.
+  """Per-tensor activation quantizer ``s round((clip(x, b, b+q-s) - b)/s) + b``.
 
   ``s = 2**log2_step``, ``q = 2**log2_range``, ``b = clamp_low`` (spec 2.2).
   With ``settings.activation_bits >= 32`` it is the identity and has no

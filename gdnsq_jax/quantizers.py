@@ -112,7 +112,14 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _varying_axes(x: jax.Array) -> frozenset:
   """Manual mesh axes (shard_map) along which ``x`` varies; empty outside."""
-  return frozenset(getattr(jax.typeof(x), "vma", ()))
+  typeof = getattr(jax, "typeof", None)  # absent from older jax
+  if typeof is None:
+    return frozenset()
+  aval = typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # jax 0.6 .. 0.9
 
 
 def _sum_to_primal_axes(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
@@ -184,6 +191,11 @@ def rounding_noise(
       scale).
 
     With ``key=None`` the dither is zero (deterministic backward).
+
+  Under ``shard_map``, a cotangent that varies over a mesh axis along which
+  its primal is replicated (a replicated step, or a replicated kernel with
+  per-device upstream gradients) is summed over that axis, as JAX's own
+  transpose rules do for ordinary operations.
 
   Args:
     v: the scaled input ``(c - z) / s``, float32.

@@ -71,14 +71,17 @@ class DigitsTest(absltest.TestCase):
     c = ip.load_dataset("digits", seed=4, validation_size=0.25)
     np.testing.assert_array_equal(a.validation.labels, b.validation.labels)
     self.assertEqual(len(c.validation), 2000)
-    self.assertFalse(np.array_equal(a.validation.images, c.validation.images[:800]))
+    self.assertFalse(
+        np.array_equal(a.validation.images, c.validation.images[:800]))
 
   def test_errors_name_the_bad_value(self):
     with self.assertRaisesRegex(ValueError, "'cifar11'.*cifar10, cifar100"):
       ip.load_dataset("cifar11")
-    with self.assertRaisesRegex(ValueError, r"validation_size 8000 .*\[0, 8000\)"):
+    with self.assertRaisesRegex(ValueError,
+                                r"validation_size 8000 .*\[0, 8000\)"):
       ip.load_dataset("digits", validation_size=8000)
-    with self.assertRaisesRegex(ValueError, "'random_resized_crop' does not fit"):
+    with self.assertRaisesRegex(ValueError,
+                                "'random_resized_crop' does not fit"):
       ip.load_dataset("digits", augmentation="random_resized_crop")
 
 
@@ -95,7 +98,8 @@ class AugmentTest(absltest.TestCase):
     image = np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1)
     centre = ip._apply("crop_flip", image, np.array([[4, 4]]), np.array([True]))
     np.testing.assert_array_equal(centre, image[:, :, ::-1])
-    corner = ip._apply("crop_flip", image, np.array([[0, 4]]), np.array([False]))
+    corner = ip._apply("crop_flip", image, np.array([[0, 4]]),
+                       np.array([False]))
     np.testing.assert_array_equal(corner[0, :4, :, 0], image[0, 4:0:-1, :, 0])
     np.testing.assert_array_equal(corner[0, 4:], image[0, :4])
 
@@ -169,7 +173,8 @@ class BatchingTest(parameterized.TestCase):
     single = next(ip.train_batches(self.ds, global_batch_size=32, seed=1,
                                    process_index=0, process_count=1))
     parts = [next(ip.train_batches(self.ds, global_batch_size=32, seed=1,
-                                   process_index=p, process_count=process_count))
+                                   process_index=p,
+                                   process_count=process_count))
              for p in range(process_count)]
     for key in ("image", "label"):
       self.assertEqual(parts[0][key].shape[0], 32 // process_count)
@@ -181,7 +186,8 @@ class BatchingTest(parameterized.TestCase):
     labels, images = [], []
     for p in range(process_count):
       for batch in ip.eval_batches(self.ds, "train", global_batch_size=16,
-                                   process_index=p, process_count=process_count):
+                                   process_index=p,
+                                   process_count=process_count):
         self.assertEqual(batch["image"].shape, (16 // process_count, 6, 5, 1))
         self.assertEqual(batch["mask"].dtype, bool)
         labels.append(batch["label"][batch["mask"]])
@@ -200,6 +206,8 @@ class BatchingTest(parameterized.TestCase):
       ip.train_batches(self.ds, global_batch_size=32, position=(0, 9))
     with self.assertRaisesRegex(ValueError, "exceeds the 103"):
       ip.train_batches(self.ds, global_batch_size=128)
+    with self.assertRaisesRegex(ValueError, "unknown split 'val'"):
+      ip.eval_batches(self.ds, "val", global_batch_size=8)  # Eager error.
 
 
 class NpzTest(absltest.TestCase):
@@ -277,7 +285,8 @@ class TfdsTest(parameterized.TestCase):
     b = next(ip.train_batches(ds, global_batch_size=4, seed=2))
     np.testing.assert_array_equal(a["image"], b["image"])
     self.assertEqual(a["image"].shape, (4, 16, 16, 3))
-    masks = [e["mask"] for e in ip.eval_batches(ds, "test", global_batch_size=8)]
+    masks = [b["mask"] for b in ip.eval_batches(ds, "test",
+                                                global_batch_size=8)]
     self.assertEqual(sum(int(m.sum()) for m in masks), 12)
 
   def test_missing_dataset_fails_fast_with_the_prepare_command(self):

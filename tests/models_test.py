@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 from absl.testing import absltest
@@ -32,6 +33,22 @@ RESNET18_PARAMS = 11_689_512
 #   stem 9*1*16 + 32 = 176; stage1 2*(9*16*16 + 32) = 4,672;
 #   stage2 14,528 and stage3 57,728 (as ResNet-20's first blocks); fc 650.
 DIGITS_PARAMS = 77_754
+
+# Two narrow stages (stride 1, then 2 with a projection): same code paths as
+# the full models, fewer ops to compile.
+SMALL_DIGITS = models.DigitsResNet(
+    stage_widths=(4, 8), blocks_per_stage=(1, 1), stem_width=4
+)
+# Compiling threefry sampling for every kernel shape dominates init time on a
+# CPU (~7 s for SMALL_DIGITS); the RBG generator compiles ~5x faster. The tests
+# share one batch and one initialisation of SMALL_DIGITS.
+INIT_KEY = jax.random.key(0, impl="rbg")
+SMALL_BATCH = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
+
+
+@functools.cache
+def _small_variables():
+  return jax.jit(SMALL_DIGITS.init)(INIT_KEY, SMALL_BATCH)
 
 
 def _param_count(params) -> int:
@@ -86,7 +103,7 @@ class LayoutTest(parameterized.TestCase):
     for block in blocks:
       want = projected if block in ("stage2_block1", "stage3_block1") else plain
       self.assertSetEqual(set(params[block]), want, msg=block)
-    # Conv kernels are HWIO with no bias; the projection is 1x1 with stride 2.
+    # Conv kernels are HWIO (output channels last) with no bias.
     self.assertEqual(
         params["stage3_block1"]["shortcut_conv"]["kernel"].shape, (1, 1, 32, 64)
     )
@@ -119,21 +136,26 @@ class LayoutTest(parameterized.TestCase):
     self.assertEqual(n_bn, 21)
 
   def test_init_statistics(self):
-    model = models.DigitsResNet()
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))[
-        "params"]
-    chex.assert_trees_all_close(params["stem_bn"]["scale"], jnp.ones(16))
-    chex.assert_trees_all_close(params["stem_bn"]["bias"], jnp.zeros(16))
-    # Kaiming normal, fan_out: std = sqrt(2 / (3 * 3 * 64)) = 0.0589.
-    kernel = params["stage3_block1"]["conv2"]["kernel"]
-    self.assertAlmostEqual(float(jnp.std(kernel)), np.sqrt(2 / 576), delta=0.003)
-    # PyTorch Linear default: |w| <= 1/sqrt(64) = 0.125.
-    self.assertLessEqual(float(jnp.max(jnp.abs(params["classifier"]["kernel"]))),
-                         0.125)
+    params = _small_variables()["params"]
+    chex.assert_trees_all_close(params["stem_bn"]["scale"], jnp.ones(4))
+    chex.assert_trees_all_close(params["stem_bn"]["bias"], jnp.zeros(4))
+    # Kaiming normal, fan_out: std = sqrt(2 / (3 * 3 * 8)) = 0.167, estimated
+    # from 3*3*8*8 = 576 draws (standard error ~0.005).
+    kernel = params["stage2_block1"]["conv2"]["kernel"]
+    self.assertEqual(kernel.shape, (3, 3, 8, 8))
+    self.assertAlmostEqual(float(jnp.std(kernel)), np.sqrt(2 / 72),
+                           delta=0.02)
+    # PyTorch Linear default: |w| <= 1/sqrt(fan_in) = 1/sqrt(8); bias 0.
+    dense = params["classifier"]
+    self.assertLessEqual(float(jnp.max(jnp.abs(dense["kernel"]))),
+                         1 / np.sqrt(8))
+    self.assertGreater(float(jnp.std(dense["kernel"])), 0.1)
+    chex.assert_trees_all_close(dense["bias"], jnp.zeros(10))
 
   def test_get_model_unknown_name(self):
     with self.assertRaisesRegex(
-        ValueError, "unknown model 'resnet50'.*digits_resnet, resnet18, resnet20"
+        ValueError,
+        "unknown model 'resnet50'.*digits_resnet, resnet18, resnet20",
     ):
       models.get_model("resnet50", 10)
 
@@ -157,11 +179,12 @@ class LayoutTest(parameterized.TestCase):
 
 class BatchNormTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    self.model = models.DigitsResNet()
-    self.x = jax.random.normal(jax.random.key(1), (8, 12, 12, 1))
-    self.variables = jax.jit(self.model.init)(jax.random.key(0), self.x)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = SMALL_DIGITS
+    cls.x = SMALL_BATCH
+    cls.variables = _small_variables()
 
   def test_train_updates_batch_stats(self):
     _, updates = self.model.apply(
@@ -198,18 +221,70 @@ class BatchNormTest(parameterized.TestCase):
     self.assertFalse(np.allclose(train_out, eval_out, atol=1e-3))
 
 
+class PaddingTest(parameterized.TestCase):
+  """Convs pad k // 2 on every side, as PyTorch (not Flax's 'SAME')."""
+
+  def test_strided_convs_match_symmetric_padding(self):
+    variables = _small_variables()
+    _, state = SMALL_DIGITS.apply(
+        variables, SMALL_BATCH, mutable=["intermediates"],
+        capture_intermediates=True,
+    )
+    acts = state["intermediates"]
+    block_in = acts["stage1_block1"]["__call__"][0]
+    block = variables["params"]["stage2_block1"]
+    conv1 = jax.lax.conv_general_dilated(
+        block_in, block["conv1"]["kernel"], window_strides=(2, 2),
+        padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    chex.assert_trees_all_close(
+        acts["stage2_block1"]["conv1"]["__call__"][0], conv1,
+        atol=1e-5, rtol=1e-5,
+    )
+    # 1x1 stride-2 projection: rows and columns 0, 2, 4, 6 times the kernel.
+    shortcut = jnp.einsum(
+        "nhwc,cd->nhwd", block_in[:, ::2, ::2],
+        block["shortcut_conv"]["kernel"][0, 0],
+    )
+    chex.assert_trees_all_close(
+        acts["stage2_block1"]["shortcut_conv"]["__call__"][0], shortcut,
+        atol=1e-5, rtol=1e-5,
+    )
+
+  def test_resnet18_feature_sizes(self):
+    model = models.ResNet18()
+    shape = (1, 224, 224, 3)
+    variables = _abstract_variables(model, shape)
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, mutable=["intermediates"], capture_intermediates=True
+        ),
+        variables, jnp.zeros(shape),
+    )
+    acts = state["intermediates"]
+    self.assertEqual(acts["stem_conv"]["__call__"][0].shape, (1, 112, 112, 64))
+    # After the 3x3/2 max pool: 56; then 56, 28, 14, 7.
+    for stage, (size, width) in enumerate(
+        [(56, 64), (28, 128), (14, 256), (7, 512)], start=1
+    ):
+      self.assertEqual(
+          acts[f"stage{stage}_block2"]["__call__"][0].shape,
+          (1, size, size, width),
+      )
+
+
 class SyncBatchNormTest(chex.TestCase):
   """With axis_name set, a split batch behaves as the full batch."""
 
-  def setUp(self):
-    super().setUp()
-    kwargs = dict(stage_widths=(4, 8), blocks_per_stage=(1, 1), stem_width=4)
-    self.local = models.DigitsResNet(**kwargs)
-    self.synced = models.DigitsResNet(axis_name="batch", **kwargs)
-    self.x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
-    self.variables = self.local.init(jax.random.key(0), self.x)
-    self.want = self.local.apply(
-        self.variables, self.x, train=True, mutable=["batch_stats"]
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.local = SMALL_DIGITS
+    cls.synced = SMALL_DIGITS.clone(axis_name="batch")
+    cls.x = SMALL_BATCH
+    cls.variables = _small_variables()
+    cls.want = cls.local.apply(
+        cls.variables, cls.x, train=True, mutable=["batch_stats"]
     )
 
   def _apply_synced(self, variables, x):
@@ -268,10 +343,9 @@ class DtypeAndSpeedTest(parameterized.TestCase):
       self.assertEqual(leaf.dtype, jnp.float32)
 
   def test_bfloat16_close_to_float32(self):
-    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 1))
-    variables = jax.jit(models.DigitsResNet().init)(jax.random.key(0), x)
-    want = models.DigitsResNet().apply(variables, x)
-    got = models.DigitsResNet(dtype=jnp.bfloat16).apply(variables, x)
+    variables = _small_variables()
+    want = SMALL_DIGITS.apply(variables, SMALL_BATCH)
+    got = SMALL_DIGITS.clone(dtype=jnp.bfloat16).apply(variables, SMALL_BATCH)
     self.assertEqual(got.dtype, jnp.float32)
     chex.assert_trees_all_close(got, want, atol=0.1, rtol=0.05)
 
@@ -279,7 +353,7 @@ class DtypeAndSpeedTest(parameterized.TestCase):
     model = models.DigitsResNet()
     x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
     labels = jnp.arange(8) % 10
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jax.jit(model.init)(INIT_KEY, x)
 
     @jax.jit
     def grad_fn(params, batch_stats):

@@ -110,6 +110,10 @@ class ForwardTest(chex.TestCase):
     x = kernel.reshape(-1, 4)
     act = self.variant(quantizers.quantize_activation)(x, -4.0, 2.0, -1.0)
     self.assertEqual(act.dtype, jnp.bfloat16)
+    expected, _ = _activation_reference(x.astype(jnp.float32), -4.0, 2.0, -1.0)
+    np.testing.assert_array_equal(
+        np.asarray(act, np.float32),
+        np.asarray(jnp.asarray(expected).astype(jnp.bfloat16), np.float32))
     # The rounding itself runs in float32.
     for fn, args in ((quantizers.quantize_weight, (kernel, log2_step)),
                      (quantizers.quantize_activation, (x, -4.0, 2.0, -1.0))):
@@ -123,7 +127,7 @@ class WeightGradientTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(
-      itertools.product((True, False), (None, 0), ("uniform12", "pure")))
+      (True, None, "uniform12"), (True, 0, "pure"), (False, 0, "half"))
   def test_ste_kernel_gradient_is_upstream(self, per_channel, seed, dither):
     kernel = _kernel()
     upstream = _kernel(seed=5)
@@ -135,20 +139,6 @@ class WeightGradientTest(chex.TestCase):
     # Exactly G everywhere, the channel minima included: the zero point path
     # cancels, so the zero point itself receives no gradient.
     np.testing.assert_array_equal(grad, upstream)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(True, False)
-  def test_step_gradient_without_dither_is_sum_g_n(self, per_channel):
-    kernel, upstream = _kernel(), _kernel(seed=5)
-    log2_step = jnp.full((4,) if per_channel else (), -1.5)
-    grad = self.variant(jax.grad(functools.partial(
-        _weight_loss, per_channel=per_channel), argnums=1))(
-            kernel, log2_step, upstream)
-    self.assertEqual(grad.shape, log2_step.shape)
-    _, _, s, v = _weight_reference(kernel, log2_step, per_channel)
-    axes = (0, 1, 2) if per_channel else None
-    g_n = np.sum(np.asarray(upstream) * (np.round(v) - v), axis=axes)
-    chex.assert_trees_all_close(grad, LN2 * s.reshape(-1)[0] * g_n, rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_lsq_step_gradient_is_exact(self):
@@ -179,8 +169,8 @@ class DitherTest(chex.TestCase):
   def test_per_element_values_mean_and_variance(self, dither, amplitude):
     v = jax.random.uniform(jax.random.key(0), (64, 256), maxval=10.0)
     keys = jax.random.split(jax.random.key(1), 8)
-    terms = np.asarray(jax.vmap(
-        lambda k: _step_cotangent(v, k, dither))(keys), np.float64)
+    terms = np.asarray(jax.jit(jax.vmap(
+        lambda k: _step_cotangent(v, k, dither)))(keys), np.float64)
     np.testing.assert_allclose(np.unique(np.abs(terms)), [amplitude],
                                rtol=1e-6)
     n = terms.size
@@ -199,19 +189,20 @@ class DitherTest(chex.TestCase):
     self.assertBetween(np.mean(a != b), 0.45, 0.55)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_weight_step_gradient_sums_per_channel(self):
-    kernel, upstream = _kernel(), _kernel(seed=5)
-    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0])
-    key = jax.random.key(7)
-    grad = self.variant(jax.grad(_weight_loss, argnums=1))(
-        kernel, log2_step, upstream, key)
-    self.assertEqual(grad.shape, (4,))
-    _, _, s, v = _weight_reference(kernel, log2_step)
-    rho = np.asarray(_step_cotangent(jnp.asarray(v), key))
-    g = np.asarray(upstream)
-    expected = np.sum(g * (np.round(v) - v + s * rho), axis=(0, 1, 2))
-    chex.assert_trees_all_close(
-        grad, LN2 * s.reshape(-1) * expected, rtol=1e-5, atol=1e-6)
+  @parameterized.parameters(True, False)
+  def test_weight_step_gradient_sums_to_step_shape(self, per_channel):
+    kernel, upstream, key = _kernel(), _kernel(seed=5), jax.random.key(7)
+    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0]) if per_channel else 0.5
+    grad = self.variant(jax.grad(functools.partial(
+        _weight_loss, per_channel=per_channel), argnums=1))(
+            kernel, jnp.asarray(log2_step), upstream, key)
+    self.assertEqual(grad.shape, np.shape(log2_step))
+    _, _, s, v = _weight_reference(kernel, log2_step, per_channel)
+    rho = np.asarray(_step_cotangent(jnp.asarray(v), key))  # same key
+    # dL/ds = sum over the channel (or tensor) of G (n + s rho); d s/dl = ln2 s.
+    terms = np.asarray(upstream) * (np.round(v) - v + s * rho) * s * LN2
+    expected = terms.sum(axis=(0, 1, 2) if per_channel else None)
+    chex.assert_trees_all_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 class StepGradientStatisticsTest(parameterized.TestCase):
@@ -235,19 +226,15 @@ class StepGradientStatisticsTest(parameterized.TestCase):
         self.kernel, self.log2_step, self.upstream, self.keys)
     return np.asarray(per_key, np.float64) / (LN2 * self.s)  # dL/ds per key
 
-  def test_ste_mean_tends_to_sum_g_n(self):
-    grads = self._step_grads("uniform12")
-    sigma = self.s * np.sqrt(self.g2 / 12.0)  # std of s * sum G rho
+  def test_ste_mean_tends_to_sum_g_n_and_pure_to_zero(self):
+    ste, pure = self._step_grads("uniform12"), self._step_grads("pure")
+    sigma = np.sqrt(self.g2 / 12.0)  # std of sum G rho
     k = len(self.keys)
+    # ste: sum G n + s sum G rho, so mean -> sum G n and std -> s sigma.
     np.testing.assert_array_less(
-        np.abs(grads.mean(axis=0) - self.g_n), 5 * sigma / math.sqrt(k))
-    np.testing.assert_allclose(grads.std(axis=0), sigma, rtol=0.1)
-
-  def test_pure_dither_has_zero_mean_and_is_sum_g_rho(self):
-    pure = self._step_grads("pure")
-    ste = self._step_grads("uniform12")
-    sigma = np.sqrt(self.g2 / 12.0)
-    k = len(self.keys)
+        np.abs(ste.mean(axis=0) - self.g_n), 5 * self.s * sigma / math.sqrt(k))
+    np.testing.assert_allclose(ste.std(axis=0), self.s * sigma, rtol=0.1)
+    # pure: sum G rho, so mean -> 0 and std -> sigma.
     np.testing.assert_array_less(np.abs(pure.mean(axis=0)),
                                  5 * sigma / math.sqrt(k))
     np.testing.assert_allclose(pure.std(axis=0), sigma, rtol=0.1)
@@ -291,9 +278,10 @@ class EWGSTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_ewgs_input_gradient(self):
-    # x_hat = W + s N(v): dL/dW = G + s dN/dv / s = G + 0.01 |G| (v - round v)
-    # directly; the zero point (channel argmin) also collects
-    # -sum 0.01 |G| (v - round v) of its channel.
+    # W_hat = W + s N(v, s), v = (W - z) / s, dL/dN = s G. EWGS gives
+    # dL/dv = -0.01 |s G| (round v - v), so dL/dW = G + 0.01 |G| (v - round v)
+    # directly, and the zero point (channel argmin) collects minus the
+    # channel sum of the correction through v's -z / s.
     kernel, upstream = _kernel(), _kernel(seed=5)
     log2_step = jnp.array([-3.0, -2.0, -4.0, -1.0])
     grad = self.variant(jax.grad(functools.partial(
@@ -320,9 +308,9 @@ class EWGSTest(chex.TestCase):
     rng = np.random.default_rng(0)
     s = np.float32(0.25)
     # Channel 0 sits within +-0.01 of the grid: var(e) < 1e-3 hits the floor.
-    v = np.stack([rng.integers(0, 8, 32) + rng.uniform(-0.01, 0.01, 32),
-                  rng.uniform(0, 8, 32), rng.uniform(0, 8, 32)], axis=-1)
-    v[0] = 0.0  # each channel's minimum is its zero point
+    v = np.stack([rng.integers(1, 8, 32) + rng.uniform(-0.01, 0.01, 32),
+                  rng.uniform(0.5, 8, 32), rng.uniform(0.5, 8, 32)], axis=-1)
+    v[0] = 0.0  # the (unique) channel minimum is the zero point
     kernel = jnp.asarray(s * v, jnp.float32)
     upstream = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
     grad = self.variant(jax.grad(functools.partial(
@@ -341,12 +329,20 @@ class EWGSTest(chex.TestCase):
   def test_aewgs_multiplier_at_least_one_percent(self):
     v = jax.random.uniform(jax.random.key(0), (64, 8), maxval=6.0)
     g = jax.random.normal(jax.random.key(1), (64, 8))
-    for shape in ((8,), ()):
+    # sign(g) aligned with e = round(v) - v: delta ~ 3, phi hits its cap.
+    aligned = jnp.sign(jnp.round(v) - v) * jnp.abs(g)
+
+    @jax.jit
+    def v_term(v, step, upstream):
       _, vjp = jax.vjp(lambda v, s: quantizers.rounding_noise(
-          v, s, None, "aewgs"), v, jnp.ones(shape))
-      multiplier = 1.0 + vjp(g)[0] / g  # (g + v-term) / g = 1 - phi
+          v, s, None, "aewgs"), v, step)
+      return vjp(upstream)[0]
+
+    for shape, upstream in itertools.product(((8,), ()), (g, aligned)):
+      multiplier = 1.0 + v_term(v, jnp.ones(shape), upstream) / upstream
       self.assertGreaterEqual(float(multiplier.min()), 0.01 - 1e-6)
-      self.assertLess(float(multiplier.min()), 0.5)  # phi is not trivial
+      if upstream is aligned:
+        self.assertAlmostEqual(float(multiplier.min()), 0.01, places=6)
 
   def test_aewgs_axis_name_averages_statistics_across_devices(self):
     x = 2.0 * jax.random.normal(jax.random.key(0), (8, 5))
@@ -357,7 +353,7 @@ class EWGSTest(chex.TestCase):
           _activation_loss, estimator="aewgs", axis_name=axis_name))(
               x, -2.0, 6.0, -32.0, g)
 
-    full = np.asarray(input_grad(x, upstream))
+    full = np.asarray(jax.jit(input_grad)(x, upstream))
     _, v = _activation_reference(x, -2.0, 6.0, -32.0)
     e, g = np.round(v) - v, np.asarray(upstream)
     delta = np.mean(np.sign(g) * e) / max(np.var(e), 1e-3)
@@ -370,45 +366,78 @@ class EWGSTest(chex.TestCase):
         functools.partial(input_grad, axis_name="data"), mesh=mesh,
         in_specs=(spec, spec), out_specs=spec))(x, upstream)
     chex.assert_trees_all_close(sharded, full, atol=1e-6, rtol=1e-6)
-    mapped = jax.vmap(functools.partial(input_grad, axis_name="data"),
-                      axis_name="data")(
-                          x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
+    mapped = jax.jit(jax.vmap(
+        functools.partial(input_grad, axis_name="data"), axis_name="data"))(
+            x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
     chex.assert_trees_all_close(mapped.reshape(8, 5), full, atol=1e-6,
                                 rtol=1e-6)
-    local = jax.vmap(input_grad)(x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
+    local = jax.jit(jax.vmap(input_grad))(
+        x.reshape(4, 2, 5), upstream.reshape(4, 2, 5))
     self.assertGreater(float(jnp.abs(local.reshape(8, 5) - full).max()), 1e-3)
+
+  def test_replicated_kernel_under_shard_map_sums_device_gradients(self):
+    # Data parallel: kernel and step replicated, one upstream gradient per
+    # device. The quantized kernel is replicated, so JAX sums the upstream
+    # gradients before the rounding backward: EWGS sees G = sum_d G_d.
+    kernel, log2_step = _kernel(shape=(6, 4)), jnp.array([-3., -2., -4., -1.])
+    upstream = _kernel(seed=5, shape=(4, 6, 4))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    rep, data = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("data")
+    grads = jax.jit(jax.shard_map(
+        lambda k, l, g: jax.grad(functools.partial(
+            _weight_loss, estimator="ewgs"), argnums=(0, 1))(k, l, g[0]),
+        mesh=mesh, in_specs=(rep, rep, data), out_specs=(rep, rep)))(
+            kernel, log2_step, upstream)
+    _, _, s, v = _weight_reference(kernel, log2_step)
+    g, e = np.asarray(upstream).sum(axis=0), np.round(v) - v
+    correction = -0.01 * np.abs(g) * e
+    w = np.asarray(kernel)
+    at_min = w == w.min(axis=0, keepdims=True)
+    expected_kernel = g + correction - at_min * correction.sum(axis=0)
+    # dL/ds = sum G n + sum (s |G| 0.01 e) v / s: the EWGS term reaches s
+    # through v = (W - z) / s.
+    expected_step = np.sum(g * e + 0.01 * np.abs(g) * e * v, axis=0)
+    chex.assert_trees_all_close(
+        grads, (expected_kernel, LN2 * s.reshape(-1) * expected_step),
+        atol=1e-5, rtol=1e-5)
 
 
 class EstimatorGridTest(parameterized.TestCase):
 
-  @parameterized.parameters(
-      itertools.product(quantizers.ESTIMATORS, quantizers.DITHERS))
-  def test_finite_gradients_on_extremes(self, estimator, dither):
+  @parameterized.parameters(*quantizers.ESTIMATORS)
+  def test_finite_gradients_on_extremes_for_every_dither(self, estimator):
     base = _kernel(shape=(3, 4))
     equal = jnp.ones((3, 4)).at[:, 1].set(-2.0)  # min == max in every channel
-    kernels, log2_steps = [], []
-    for kernel, log2_step in itertools.product(
-        (base, 1e30 * base, equal), (-30.0, -12.0, 0.0, 30.0)):
-      kernels.append(kernel)
-      log2_steps.append(jnp.full((4,), log2_step))
-    kw = dict(estimator=estimator, dither=dither)
-    grads = jax.jit(jax.vmap(
-        jax.grad(functools.partial(_weight_loss, **kw), argnums=(0, 1)),
-        in_axes=(0, 0, None, None)))(
-            jnp.stack(kernels), jnp.stack(log2_steps), base,
-            jax.random.key(0))
-    for g in grads:
-      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), (estimator, dither))
+    # Ranges of 1e30 with steps of 2**-30 overflow v = (W - z) / s to inf.
+    cases = list(itertools.product(
+        (base, 1e30 * base, equal), (-30.0, -12.0, 0.0, 30.0)))
+    kernels = jnp.stack([k for k, _ in cases])
+    log2_steps = jnp.stack([jnp.full((4,), l) for _, l in cases])
     act_cases = jnp.array([  # scale of x, log2_step, log2_range, clamp_low
         [1.0, -30.0, -20.0, 0.0], [1.0, 30.0, 40.0, -1.0],
         [1e30, -12.0, 100.0, -1e30], [1e30, -30.0, 101.0, -1e30],
         [0.0, -2.0, 1.0, 0.0], [1.0, 0.0, -5.0, 0.0]])
-    act_grads = jax.jit(jax.vmap(
-        jax.grad(lambda c, x, g, key: _activation_loss(
-            c[0] * x, c[1], c[2], c[3], g, key, **kw)),
-        in_axes=(0, None, None, None)))(
-            act_cases, base, base, jax.random.key(1))
-    self.assertTrue(bool(jnp.all(jnp.isfinite(act_grads))), act_grads)
+
+    def act_loss(c, x, g, key, **kw):
+      return _activation_loss(c[0] * x, c[1], c[2], c[3], g, key, **kw)
+
+    @jax.jit
+    def all_grads(key):
+      grads = {}
+      for dither in quantizers.DITHERS:
+        kw = dict(estimator=estimator, dither=dither)
+        grads[dither] = (
+            jax.vmap(jax.grad(functools.partial(_weight_loss, **kw),
+                              argnums=(0, 1)),
+                     in_axes=(0, 0, None, None))(
+                         kernels, log2_steps, base, key),
+            jax.vmap(jax.grad(functools.partial(act_loss, **kw)),
+                     in_axes=(0, None, None, None))(act_cases, base, base, key))
+      return grads
+
+    for path, g in jax.tree_util.tree_leaves_with_path(
+        all_grads(jax.random.key(0))):
+      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), (estimator, path, g))
 
 
 class ValidationTest(parameterized.TestCase):
@@ -434,26 +463,26 @@ class ValidationTest(parameterized.TestCase):
       quantizers.quantize_activation(_kernel(), 0.0, jnp.zeros(2), 0.0)
 
 
-class VmapTest(chex.TestCase):
+class VmapTest(parameterized.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_over_a_batch_of_kernels(self):
-    kernels = _kernel(shape=(5, 3, 4))
-    log2_steps = -jax.random.uniform(jax.random.key(1), (5, 4), maxval=4.0)
-    keys = jax.random.split(jax.random.key(2), 5)
+    kernels = _kernel(shape=(3, 3, 4))
+    log2_steps = -jax.random.uniform(jax.random.key(1), (3, 4), maxval=4.0)
+    keys = jax.random.split(jax.random.key(2), 3)
     upstream = _kernel(seed=3, shape=(3, 4))
     grad = jax.grad(functools.partial(_weight_loss, estimator="aewgs"),
                     argnums=(0, 1))
-    batched = self.variant(jax.vmap(grad, in_axes=(0, 0, None, 0)))(
+    batched = jax.jit(jax.vmap(grad, in_axes=(0, 0, None, 0)))(
         kernels, log2_steps, upstream, keys)
-    outs = self.variant(jax.vmap(quantizers.quantize_weight))(
-        kernels, log2_steps)
-    for i in range(5):
+    outs = jax.jit(jax.vmap(quantizers.quantize_weight))(kernels, log2_steps)
+    for i in range(3):
       chex.assert_trees_all_close(
-          outs[i], quantizers.quantize_weight(kernels[i], log2_steps[i]))
-      single = grad(kernels[i], log2_steps[i], upstream, keys[i])
+          outs[i], quantizers.quantize_weight(kernels[i], log2_steps[i]),
+          atol=1e-6)
+      # AEWGS statistics stay per kernel (not pooled over the vmapped batch).
+      single = jax.jit(grad)(kernels[i], log2_steps[i], upstream, keys[i])
       chex.assert_trees_all_close(
-          (batched[0][i], batched[1][i]), single, atol=1e-6, rtol=1e-5)
+          (batched[0][i], batched[1][i]), single, atol=2e-4, rtol=1e-3)
 
 
 if __name__ == "__main__":

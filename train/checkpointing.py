@@ -91,6 +91,11 @@ def restore_variables(path: str, target: Any, what: str = "checkpoint") -> Any:
     )
   metadata = _read_metadata(path)
   tree = getattr(metadata, "tree", metadata)
+  if not jax.tree_util.tree_leaves(tree):
+    raise CheckpointError(
+        f"{what} {path!r} holds no readable arrays; it is missing or corrupt."
+        " Point the config at a directory written by this program, or "
+        "delete it to retrain")
   problems = compare_trees(tree, target)
   if problems:
     raise CheckpointError(
@@ -145,6 +150,11 @@ class StateCheckpointer:
           f"({type(err).__name__}: {err}). It is corrupt or was written by a "
           "different config; move it away to start fresh"
       ) from err
+
+  def restore_raw(self, step: int) -> Any:
+    """Restores ``step`` as saved (numpy leaves), e.g. for inspection."""
+    self.wait()
+    return self._manager.restore(step, args=ocp.args.StandardRestore())
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

@@ -129,6 +129,7 @@ class Dataset:
   augmentation: str
 
   def split(self, name: str) -> Split:
+    """The split called ``name`` (one of :data:`SPLITS`)."""
     if name not in SPLITS:
       raise ValueError(f"unknown split {name!r}; choose one of: {SPLITS}")
     return getattr(self, name)
@@ -284,7 +285,8 @@ def _load_tfds(name: str, data_dir: Optional[str], test_split: str):
     )
   random_access = tfds.core.FileFormat.with_random_access()
   if builder.info.available_file_formats() & set(random_access):
-    train, test = (builder.as_data_source(split=s) for s in ("train", test_split))
+    train, test = (builder.as_data_source(split=split)
+                   for split in ("train", test_split))
     if name == "imagenet2012":
       whole = lambda s: LazySplit(s, np.arange(len(s)))
       return whole(train), whole(test)
@@ -312,8 +314,17 @@ def _decode_all(source: Sequence[dict[str, Any]]) -> ArraySplit:
   return ArraySplit(images, labels)
 
 
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-  """``(images / 255 - mean) / std`` as float32, per channel (last axis)."""
+def normalize(images: np.ndarray, mean: Sequence[float],
+              std: Sequence[float]) -> np.ndarray:
+  """Scales uint8 images to [0, 1] and standardises each channel.
+
+  Args:
+    images: uint8 (..., C).
+    mean, std: per-channel statistics of the [0, 1] images, length C.
+
+  Returns:
+    float32 ``(images / 255 - mean) / std``.
+  """
   mean, std = np.float32(mean), np.float32(std)
   return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
 
@@ -339,8 +350,19 @@ def _apply(augmentation, images, offsets, flips) -> np.ndarray:
   return np.where(flips[:, None, None, None], out[:, :, ::-1], out)
 
 
-def augment(images: np.ndarray, augmentation: str, rng: np.random.Generator):
-  """Train augmentation of uint8 NHWC ``images`` (``crop_flip``/``shift``)."""
+def augment(images: np.ndarray, augmentation: str,
+            rng: np.random.Generator) -> np.ndarray:
+  """Random train augmentation of a batch held in memory.
+
+  Args:
+    images: uint8 (N, H, W, C).
+    augmentation: ``crop_flip`` (reflect-pad 4, random crop, flip with
+      probability 1/2), ``shift`` (zero-pad 2, random crop) or ``none``.
+    rng: the source of randomness (same state, same output).
+
+  Returns:
+    uint8 (N, H, W, C).
+  """
   return _apply(augmentation, images, *_draw(augmentation, rng, len(images)))
 
 
@@ -533,17 +555,26 @@ def eval_batches(
     global_batch_size: rows per global batch.
     process_index, process_count: as in :func:`train_batches`.
 
-  Yields:
-    ``{'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': bool
-    (B,)}`` with ``B = global_batch_size / process_count``.
+  Returns:
+    An iterator of ``{'image': float32 (B, H, W, C), 'label': int32 (B,),
+    'mask': bool (B,)}``, ``B = global_batch_size / process_count``; the
+    same number of batches on every process.
+
+  Raises:
+    ValueError: unknown split, or batch not divisible by the process count.
   """
-  data = dataset.split(split)
+  data = dataset.split(split)  # Errors are raised here, not at first next().
   first, rows = _process_slice(global_batch_size, process_index, process_count)
-  for batch in range(math.ceil(len(data) / global_batch_size)):
-    start = batch * global_batch_size + first
-    positions = np.arange(start, min(start + rows, len(data)))
-    valid = len(positions)
-    out = _load_batch(dataset, data, positions, False)
-    out["mask"] = np.ones((valid,), bool)
-    yield {k: np.concatenate([v, np.zeros((rows - valid,) + v.shape[1:], v.dtype)])
-           for k, v in out.items()}
+  count = math.ceil(len(data) / global_batch_size)
+  return (_padded_batch(dataset, data, b * global_batch_size + first, rows)
+          for b in range(count))
+
+
+def _padded_batch(dataset, data, start, rows) -> dict[str, np.ndarray]:
+  """Eval rows ``[start, start + rows)``, zero-padded past the split's end."""
+  positions = np.arange(start, min(start + rows, len(data)))
+  out = _load_batch(dataset, data, positions, False)
+  out["mask"] = np.ones((len(positions),), bool)
+  pad = rows - len(positions)
+  return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+          for k, v in out.items()}

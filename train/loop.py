@@ -117,10 +117,12 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
 
   def current_loop_state():
     position = batches.position
-    i = lambda v: jnp.asarray(v, jnp.int32)
-    return LoopState(state, i(position.epoch), i(position.batch),
-                     jnp.asarray(best_accuracy, jnp.float32), i(best_step),
-                     i(bad_evals))
+    i = lambda v: np.asarray(v, np.int32)
+    counters = sharding.replicate(
+        (i(position.epoch), i(position.batch),
+         np.asarray(best_accuracy, np.float32), i(best_step), i(bad_evals)),
+        mesh)
+    return LoopState(state, *counters)
 
   def validate():
     variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,4 +1,4 @@
-"""Full-precision ResNets for GDNSQ: CIFAR ResNet-20, ImageNet ResNet-18, digits.
+"""Full-precision ResNets for GDNSQ: CIFAR ResNet-20, ResNet-18, digits.
 
 The models are plain Flax Linen (``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm``,
 ``nn.relu``), NHWC, with no quantizer code: the library quantizes them by
@@ -55,12 +55,14 @@ __all__ = [
 ]
 
 STEMS = ("cifar", "imagenet")
-"""Stem layouts: ``cifar`` = 3x3/1 conv; ``imagenet`` = 7x7/2 conv + 3x3/2 max pool."""
+"""Stems: ``cifar`` 3x3/1 conv; ``imagenet`` 7x7/2 conv + 3x3/2 max pool."""
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 """He/Kaiming normal, fan_out mode (torchvision ResNet init)."""
 
-dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+dense_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform"
+)
 """PyTorch ``nn.Linear`` default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
 
 
@@ -84,7 +86,7 @@ def _conv(
 def _batch_norm(
     train: bool, axis_name: str | None, dtype: Any, name: str
 ) -> nn.BatchNorm:
-  """BatchNorm with PyTorch defaults (momentum 0.1 there is 0.9 here, eps 1e-5)."""
+  """BatchNorm with PyTorch defaults (its momentum 0.1 is 0.9 here)."""
   return nn.BatchNorm(
       use_running_average=not train,
       momentum=0.9,
@@ -96,7 +98,7 @@ def _batch_norm(
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+  """Basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
 
   conv1 is 3x3 with stride ``strides``, conv2 is 3x3 with stride 1. The
   shortcut is the identity, or ``shortcut_bn(shortcut_conv(x))`` (1x1 conv with
@@ -117,7 +119,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Applies the block to NHWC ``x``; ``train`` uses and updates batch stats."""
+    """Applies the block to NHWC ``x``; ``train`` uses batch statistics."""
     y = _conv(self.features, 3, self.strides, self.dtype, "conv1")(x)
     y = _batch_norm(train, self.axis_name, self.dtype, "bn1")(y)
     y = nn.relu(y)

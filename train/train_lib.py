@@ -44,7 +44,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.mode={config.mode!r}; choose 'fp' or 'quantize'")
   if config.distill.loss != steps.LABELS:
     steps.make_task_loss(config.distill.loss, config.distill.temperature)
-  models.get_model  # name checked when built
   if config.data.name == "npz" and not config.data.path:
     raise ValueError("config.data.name='npz' needs --config.data.path=<file.npz>")
   for key in ("batch_size", "eval_batch_size"):
@@ -59,6 +58,16 @@ def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
   return input_pipeline.load_dataset(
       name, data_dir=config.data.data_dir or None,
       validation_size=config.data.validation_size, seed=config.seed)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The FP model named by ``config.model``."""
+  kwargs = {"dtype": jnp.dtype(config.model.dtype)}
+  if config.model.stage_widths:
+    kwargs["stage_widths"] = tuple(config.model.stage_widths)
+  if config.model.stem_width:
+    kwargs["stem_width"] = config.model.stem_width
+  return models.get_model(config.model.name, num_classes, **kwargs)
 
 
 def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
@@ -110,9 +119,12 @@ def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
   abstract = jax.eval_shape(
       lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
   variables = interception.add_quantizer_params(fp_variables, abstract)
-  variables, trainable = calibration.calibrate(
+  calibrated = calibration.calibrate(
       qmodel, variables, list(_calibration_batches(config, dataset, mesh)),
-      bits=qmodel.settings.calibration_bits)
+      bits=qmodel.settings.calibration_bits, apply_kwargs={"train": False})
+  trainable = jax.tree.map(lambda t: jnp.asarray(t, bool),
+                           calibrated.trainable)
+  variables = calibrated.variables
   rng = jax.random.key_data(jax.random.key(config.seed + 2))
   return steps.create_state(variables, tx, trainable, rng)
 
@@ -147,8 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   for key in ("batch_size", "eval_batch_size"):
     sharding.check_global_batch(config.data[key], mesh)
   dataset = load_data(config)
-  model = models.get_model(config.model.name, dataset.num_classes,
-                           dtype=getattr(jnp, config.model.dtype))
+  model = build_model(config, dataset.num_classes)
   writer = reporting.MetricWriter(
       os.path.join(workdir, "tensorboard") if main else None)
   try:

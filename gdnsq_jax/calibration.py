@@ -1,0 +1,342 @@
+"""Min / max calibration of GDNSQ quantizers to N bits (arXiv 2508.14004).
+
+Method spec section 6 (calibration runs before training; N = 10 by default):
+
+* weights, per output channel c with range ``R_c = max W_c - min W_c``:
+  ``l_c <- max(-12, log2(R_c / (2^N - 1)))``, so the differentiable width
+  ``log2(R_c / s_c + 1)`` is exactly N, or less where the floor ``2^-12``
+  binds (tiny ranges);
+* activations, from the input range ``[m, M]`` observed over all calibration
+  batches (min of mins, max of maxes) in eval mode, with the weights already
+  calibrated and every activation quantizer at its 20-bit init state:
+  ``b <- m``, ``l_s <- log2((M - m) / (2^N - 1))``, ``l_q <- l_s + N``; the
+  clamp interval ``[b, b + q - s]`` is then exactly ``[m, M]`` with ``2^N``
+  levels. With ``learnable_clamp_low=False`` b stays 0 and the grid covers
+  ``[0, M]``.
+* a constant input (``m == M``) gives a *frozen* quantizer: ``l_s = l_q = 0``,
+  ``b = m`` (it outputs the constant; width 0, never penalised); its params
+  are False in the :func:`trainable_mask`.
+
+Statistics come from the ``quant_stats`` collection that
+:class:`gdnsq_jax.layers.QuantAct` sows when it is mutable; one jitted
+function runs the model and reduces each batch, with no Python side effects.
+:func:`measure_activation_widths` reuses it for the true activation widths
+(max over batches of ``log2(k_max - k_min + 1)``, Decision D11).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdnsq_jax import layers as qlayers
+from gdnsq_jax.bitwidths import find_quantizers
+from gdnsq_jax.bitwidths import true_bitwidth_from_codes
+from gdnsq_jax.layers import QUANT_STATS
+from gdnsq_jax.layers import QuantSettings
+from gdnsq_jax.quantizers import weight_channel_range
+
+__all__ = [
+    "CalibrationResult",
+    "calibrate",
+    "calibrate_weights",
+    "measure_activation_widths",
+    "trainable_mask",
+]
+
+_ACTIVATION_INIT = {
+    "log2_step": qlayers.ACTIVATION_LOG2_STEP_INIT,
+    "log2_range": qlayers.ACTIVATION_LOG2_RANGE_INIT,
+    "clamp_low": qlayers.ACTIVATION_CLAMP_LOW_INIT,
+}
+
+
+class CalibrationResult(NamedTuple):
+  """What :func:`calibrate` returns.
+
+  Attributes:
+    variables: the calibrated variables (all collections of the input).
+    trainable: bool pytree matching ``variables['params']``; False for
+      frozen quantizer params (use with ``optax.masked`` /
+      ``optax.multi_transform``).
+    activation_ranges: quantizer path -> observed ``(min, max)`` input.
+  """
+
+  variables: dict
+  trainable: Any
+  activation_ranges: dict[str, tuple[float, float]]
+
+
+def _flat(params: Mapping[str, Any]) -> dict[str, Any]:
+  return traverse_util.flatten_dict(params, sep="/")
+
+
+def _unflat(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def _key(path: str, name: str) -> str:
+  """Flat key of param ``name`` of the quantizer at ``path`` ('' = root)."""
+  return f"{path}/{name}" if path else name
+
+
+def calibrate_weights(
+    params: Mapping[str, Any], bits: int = 10
+) -> dict:
+  """Sets every weight step to give ``bits`` bits (floor ``2^-12``).
+
+  ``l_c = max(-12, log2(R_c / (2^bits - 1)))`` (spec section 6). A constant
+  channel (``R_c = 0``) gets the floor, never NaN. Pure; works under jit.
+
+  Args:
+    params: the ``params`` collection of a quantized model.
+    bits: the calibration bit-width N.
+
+  Returns:
+    ``params`` with every weight quantizer's ``log2_step`` replaced.
+  """
+  flat = _flat(params)
+  for path in find_quantizers(params).weights:
+    log2_step = jnp.asarray(flat[_key(path, "log2_step")])
+    lo, hi = weight_channel_range(
+        flat[_key(path, "kernel")], per_channel=log2_step.ndim > 0
+    )
+    fitted = jnp.log2((hi - lo) / (2.0**bits - 1.0))
+    flat[_key(path, "log2_step")] = jnp.maximum(
+        qlayers.WEIGHT_LOG2_STEP_INIT, fitted
+    ).astype(log2_step.dtype)
+  return _unflat(flat)
+
+
+def trainable_mask(
+    params: Mapping[str, Any], settings: Optional[QuantSettings] = None
+) -> Any:
+  """Which params the optimizer may update (host-side, concrete params).
+
+  False for every param of a frozen activation quantizer
+  (``log2_step == log2_range == 0``) and, when
+  ``settings.learnable_clamp_low`` is False, for every ``clamp_low``.
+
+  Args:
+    params: the ``params`` collection (concrete values).
+    settings: quantization settings (default :class:`QuantSettings()`).
+
+  Returns:
+    A pytree of Python bools with ``params``' structure.
+  """
+  settings = settings if settings is not None else QuantSettings()
+  flat = _flat(params)
+  frozen_leaves = set()
+  for path in find_quantizers(params).activations:
+    if (
+        float(flat[_key(path, "log2_step")]) == 0.0
+        and float(flat[_key(path, "log2_range")]) == 0.0
+    ):
+      frozen_leaves.update(_key(path, k) for k in _ACTIVATION_INIT)
+    elif not settings.learnable_clamp_low:
+      frozen_leaves.add(_key(path, "clamp_low"))
+
+  def is_trainable(key_path, _):
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    return name not in frozen_leaves
+
+  return jax.tree_util.tree_map_with_path(is_trainable, params)
+
+
+def _stats_by_quantizer(stats: Mapping[str, Any]) -> dict[str, dict]:
+  """``{quantizer path: {stat name: scalar}}`` from the sown collection."""
+  out: dict[str, dict] = {}
+  for key, value in _flat(stats).items():
+    path, _, name = key.rpartition("/")
+    out.setdefault(path, {})[name] = value
+  return out
+
+
+def _reduce_over_batches(
+    apply_fn: Callable[..., Any],
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    apply_kwargs: Mapping[str, Any],
+    combine: Callable[[Any, dict], Any],
+    initial: Callable[[dict], Any],
+) -> Any:
+  """Runs the model on each batch (jitted) and folds its stats with combine."""
+  variables = {k: v for k, v in variables.items() if k != QUANT_STATS}
+
+  def observe(variables, batch):
+    _, state = apply_fn(
+        variables, batch, mutable=[QUANT_STATS], **apply_kwargs
+    )
+    return _stats_by_quantizer(state.get(QUANT_STATS, {}))
+
+  @jax.jit
+  def step(running, variables, batch):
+    return combine(running, observe(variables, batch))
+
+  running = None
+  for batch in batches:
+    if running is None:
+      running = initial(jax.eval_shape(observe, variables, batch))
+    running = step(running, variables, batch)
+  if running is None:
+    raise ValueError("no batches given; pass at least one input batch")
+  return running
+
+
+def _combine_ranges(running: dict, stats: dict) -> dict:
+  return {
+      path: {
+          name: qlayers.STAT_REDUCERS[name][0](running[path][name], value)
+          for name, value in s.items()
+      }
+      for path, s in stats.items()
+  }
+
+
+def _initial_ranges(shapes: dict) -> dict:
+  return {
+      path: {
+          name: jnp.full(v.shape, qlayers.STAT_REDUCERS[name][1], v.dtype)
+          for name, v in s.items()
+      }
+      for path, s in shapes.items()
+  }
+
+
+def _model_apply(model: Any) -> Callable[..., Any]:
+  if not hasattr(model, "apply"):
+    raise TypeError(
+        f"model {model!r} has no apply method; pass a QuantizedModel or a "
+        "Flax module built from QuantConv / QuantDense"
+    )
+  return model.apply
+
+
+def calibrate(
+    model: Any,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    bits: Optional[int] = None,
+    settings: Optional[QuantSettings] = None,
+    apply_kwargs: Optional[Mapping[str, Any]] = None,
+) -> CalibrationResult:
+  """Calibrates every weight and activation quantizer to ``bits`` bits.
+
+  Weights first (:func:`calibrate_weights`); then activation quantizers are
+  reset to their 20-bit init and the model runs in eval mode on every batch,
+  recording each quantizer's input min / max (spec section 6).
+
+  Args:
+    model: a :class:`gdnsq_jax.QuantizedModel` or a Flax module using
+      :class:`gdnsq_jax.QuantConv` / ``QuantDense`` / ``QuantAct``.
+    variables: its variables (``params``, ``batch_stats``, ...).
+    batches: iterable of model inputs (the first positional argument, e.g.
+      images without labels or augmentation).
+    bits: calibration bit-width (default ``settings.calibration_bits``).
+    settings: defaults to ``model.settings`` or :class:`QuantSettings()`.
+    apply_kwargs: extra keyword arguments of ``apply`` selecting eval mode
+      (e.g. ``{'train': False}``).
+
+  Returns:
+    A :class:`CalibrationResult`.
+
+  Raises:
+    ValueError: when no batch is given or an activation quantizer was never
+      called by the calibration forward pass.
+  """
+  apply_fn = _model_apply(model)
+  settings = settings or getattr(model, "settings", None) or QuantSettings()
+  bits = settings.calibration_bits if bits is None else bits
+  apply_kwargs = dict(apply_kwargs or {})
+
+  flat = _flat(calibrate_weights(variables["params"], bits))
+  index = find_quantizers(variables["params"])
+  for path in index.activations:
+    for name, value in _ACTIVATION_INIT.items():
+      flat[_key(path, name)] = jnp.full_like(flat[_key(path, name)], value)
+  observed = dict(variables, params=_unflat(flat))
+
+  ranges = _reduce_over_batches(
+      apply_fn, observed, batches, apply_kwargs, _combine_ranges,
+      _initial_ranges,
+  )
+  unobserved = sorted(set(index.activations) - set(ranges))
+  if unobserved:
+    raise ValueError(
+        f"activation quantizers {unobserved} were not called by the "
+        "calibration forward pass; pass apply_kwargs that run every layer"
+    )
+
+  activation_ranges = {}
+  levels = np.float32(2.0**bits - 1.0)
+  for path in index.activations:
+    m = np.float32(ranges[path]["input_min"])
+    big_m = np.float32(ranges[path]["input_max"])
+    activation_ranges[path] = (float(m), float(big_m))
+    low = m if settings.learnable_clamp_low or m == big_m else np.float32(0)
+    if big_m > low:
+      log2_step = np.log2((big_m - low) / levels, dtype=np.float32)
+      log2_range = np.float32(log2_step + bits)
+    else:  # constant input (or all below a clamp frozen at 0): frozen
+      log2_step = log2_range = np.float32(0.0)
+    for name, value in (
+        ("log2_step", log2_step),
+        ("log2_range", log2_range),
+        ("clamp_low", low),
+    ):
+      old = jnp.asarray(flat[_key(path, name)])
+      flat[_key(path, name)] = jnp.asarray(value, old.dtype)
+  params = _unflat(flat)
+  return CalibrationResult(
+      variables=dict(variables, params=params),
+      trainable=trainable_mask(params, settings),
+      activation_ranges=activation_ranges,
+  )
+
+
+def measure_activation_widths(
+    model: Any,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    apply_kwargs: Optional[Mapping[str, Any]] = None,
+) -> dict[str, float]:
+  """True activation widths over an evaluation pass (Decision D11).
+
+  For each activation quantizer: the max over batches of
+  ``log2(k_max - k_min + 1)`` of the integer codes it produced on the batch.
+
+  Args:
+    model: as for :func:`calibrate`.
+    variables: the model variables.
+    batches: iterable of model inputs.
+    apply_kwargs: extra keyword arguments of ``apply`` (eval mode).
+
+  Returns:
+    ``{quantizer path: width}``, the paths of
+    :func:`gdnsq_jax.bitwidths.find_quantizers`; pass it as
+    ``summarize_bitwidths(params, activation_widths=...)``.
+  """
+
+  def combine(running, stats):
+    return {
+        path: jnp.maximum(
+            running[path],
+            true_bitwidth_from_codes(s["code_min"], s["code_max"]),
+        )
+        for path, s in stats.items()
+    }
+
+  def initial(shapes):
+    return {path: jnp.float32(0.0) for path in shapes}
+
+  widths = _reduce_over_batches(
+      _model_apply(model), variables, batches, dict(apply_kwargs or {}),
+      combine, initial,
+  )
+  return {path: float(w) for path, w in widths.items()}

@@ -1,0 +1,218 @@
+"""Tests of the training program on a tiny config and 4 fake CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdnsq_jax import interception
+from train import checkpointing
+from train import input_pipeline
+from train import sharding
+from train import steps
+from train import teacher as teacher_lib
+from train import train_lib
+import tiny_setup
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Shared:
+  """One trained tiny teacher for the whole module (saves compile time)."""
+
+  tmp = None
+  teacher = None
+
+  @classmethod
+  def setup(cls):
+    if cls.tmp is None:
+      cls.tmp = tempfile.mkdtemp(prefix="gdnsq_train_test_")
+      config = tiny_setup.tiny_config(cls.tmp)
+      workdir = os.path.join(cls.tmp, "teacher_run")
+      fp = tiny_setup.tiny_config(cls.tmp, weight_bits=32, activation_bits=32)
+      cls.fp_results = train_lib.train_and_evaluate(fp, workdir)
+      cls.teacher = os.path.join(workdir, teacher_lib.TEACHER_SUBDIR)
+      del config
+    return cls
+
+
+def _config(**kwargs):
+  shared = _Shared.setup()
+  c = tiny_setup.tiny_config(shared.tmp, **kwargs)
+  c.teacher.checkpoint = shared.teacher
+  return c
+
+
+def _final_params(workdir):
+  ck = checkpointing.StateCheckpointer(os.path.join(workdir, "checkpoints"))
+  step = ck.latest_step()
+  restored = ck.restore_raw(step)
+  ck.close()
+  return step, restored["train"]["params"]
+
+
+class TrainProgramTest(absltest.TestCase):
+
+  def test_fp_recipe_learns(self):
+    results = _Shared.setup().fp_results
+    self.assertEqual(results["mode"], "fp")
+    self.assertGreater(results["fp_test_accuracy"], 0.9)
+    self.assertTrue(os.path.isdir(_Shared.teacher))
+
+  def test_end_to_end_on_four_devices(self):
+    self.assertEqual(jax.device_count(), 4)
+    workdir = self.create_tempdir().full_path
+    config = _config(num_steps=12)
+    results = train_lib.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "results.json")) as f:
+      on_disk = json.load(f)
+    self.assertEqual(on_disk["steps"], 12)
+    self.assertEqual(on_disk["num_devices"], 4)
+    for key in ("fp_test_accuracy", "quantized_test_accuracy", "converged",
+                "true_weight_bits_max", "true_activation_bits_max",
+                "wall_time_s", "device_kind"):
+      self.assertIn(key, on_disk)
+    # 3 quantized 3x3 convs in the 1-block-per-stage model (stem/classifier/
+    # 1x1 shortcuts stay FP), each with an input quantizer.
+    self.assertLen(results["quantized_layers"], 6 - 0 - 0 - 3 + 3)
+    self.assertIn("stem_conv", results["fp_layers"])
+    self.assertIn("classifier", results["fp_layers"])
+    # The penalty started pushing widths down from the calibrated 10 bits.
+    self.assertLess(on_disk["true_weight_bits_max"], 10.0)
+    self.assertTrue(os.path.exists(os.path.join(workdir, "bitwidths.txt")))
+    self.assertTrue(
+        os.path.exists(os.path.join(workdir, "bitwidth_dynamics.png")))
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+      history = [json.loads(l) for l in f]
+    self.assertEqual([h["step"] for h in history], [4, 8, 12])
+
+  def test_resume_is_bit_identical(self):
+    straight = self.create_tempdir().full_path
+    resumed = self.create_tempdir().full_path
+    train_lib.train_and_evaluate(_config(num_steps=8), straight)
+    train_lib.train_and_evaluate(_config(num_steps=4), resumed)
+    train_lib.train_and_evaluate(_config(num_steps=8), resumed)
+    step_a, params_a = _final_params(straight)
+    step_b, params_b = _final_params(resumed)
+    self.assertEqual((step_a, step_b), (8, 8))
+    chex.assert_trees_all_equal(params_a, params_b)
+
+  def test_sharded_step_matches_single_device(self):
+    config = _config()
+    dataset = train_lib.load_data(config)
+    model = train_lib.build_model(config, dataset.num_classes)
+    fp_vars, _ = teacher_lib.load_or_train_teacher(
+        config, "/nonexistent", model, dataset, sharding.make_mesh(),
+        None)
+    sample = jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32)
+    qmodel = interception.quantize_model(
+        model, sample, settings=train_lib.quant_settings(config),
+        rules=train_lib.quant_rules(config), train=False)
+    tx = train_lib.make_optimizer(config, 2)
+    batch = next(input_pipeline.train_batches(
+        dataset, global_batch_size=32, seed=0))
+    losses, params = [], []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = sharding.make_mesh(devices)
+      state = train_lib._fresh_state(config, qmodel, fp_vars, dataset, mesh,
+                                     tx)
+      step = jax.jit(steps.make_train_step(
+          qmodel, tx, steps.make_task_loss("jeffreys", 1.0), model))
+      state = sharding.replicate(state, mesh)
+      new_state, metrics = step(state, sharding.host_to_global(batch, mesh),
+                                sharding.replicate(fp_vars, mesh))
+      losses.append(float(metrics["train/loss"]))
+      params.append(jax.device_get(new_state.params))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    chex.assert_trees_all_close(params[0], params[1], rtol=1e-4, atol=1e-6)
+
+  def test_train_step_traces_once(self):
+    config = _config()
+    dataset = train_lib.load_data(config)
+    model = train_lib.build_model(config, dataset.num_classes)
+    mesh = sharding.make_mesh()
+    fp_vars, _ = teacher_lib.load_or_train_teacher(
+        config, "/nonexistent", model, dataset, mesh, None)
+    sample = jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32)
+    qmodel = interception.quantize_model(
+        model, sample, settings=train_lib.quant_settings(config),
+        train=False)
+    tx = train_lib.make_optimizer(config, 2)
+    state = sharding.replicate(
+        train_lib._fresh_state(config, qmodel, fp_vars, dataset, mesh, tx),
+        mesh)
+    step = jax.jit(chex.assert_max_traces(steps.make_train_step(
+        qmodel, tx, steps.make_task_loss("jeffreys", 1.0), model), n=1))
+    batches = input_pipeline.train_batches(dataset, global_batch_size=32)
+    teacher_vars = sharding.replicate(fp_vars, mesh)
+    for _ in range(3):
+      state, _ = step(state, sharding.host_to_global(next(batches), mesh),
+                      teacher_vars)
+    self.assertEqual(int(state.step), 3)
+
+
+class TrainProgramErrorsTest(absltest.TestCase):
+
+  def test_missing_teacher_path(self):
+    config = _config()
+    config.teacher.checkpoint = "/nonexistent/teacher"
+    with self.assertRaisesRegex(checkpointing.CheckpointError,
+                                "/nonexistent/teacher.*does not exist"):
+      train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
+
+  def test_teacher_of_wrong_architecture(self):
+    config = _config()
+    config.model.stage_widths = (4, 8, 16)
+    with self.assertRaisesRegex(checkpointing.CheckpointError,
+                                "(?s)does not match the model.*shape mismatch"):
+      train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
+
+  def test_corrupt_teacher_checkpoint(self):
+    broken = os.path.join(self.create_tempdir().full_path, "teacher")
+    shutil.copytree(_Shared.setup().teacher, broken)
+    for root, _, files in os.walk(broken):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+    config = _config()
+    config.teacher.checkpoint = broken
+    with self.assertRaisesRegex(checkpointing.CheckpointError,
+                                "missing or corrupt|is corrupt"):
+      train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
+
+  def test_missing_tfds_dataset(self):
+    config = _config()
+    config.data.name = "cifar10"
+    data_dir = self.create_tempdir().full_path
+    config.data.data_dir = data_dir
+    with self.assertRaisesRegex(input_pipeline.DatasetNotFoundError,
+                                "cifar10.*" + data_dir):
+      train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
+
+  def test_config_typo_is_one_clear_error(self):
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.main", "--config", "configs/w2a2.py",
+         "--config.optim.learning_rat=0.1", "--workdir",
+         self.create_tempdir().full_path],
+        cwd=_REPO, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("learning_rat", proc.stderr)
+
+  def test_unknown_preset(self):
+    with self.assertRaisesRegex(ValueError, "unknown preset 'cifar11'"):
+      from configs import w2a2  # pylint: disable=g-import-not-at-top
+      w2a2.get_config("cifar11")
+
+
+if __name__ == "__main__":
+  absltest.main()
