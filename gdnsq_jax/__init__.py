@@ -1,7 +1,10 @@
 """gdnsq_jax: GDNSQ quantization-aware fine-tuning for JAX/Flax.
 
 Implements "GDNSQ: Gradual Differentiable Noise Scale Quantization for
-Low-bit Neural Networks" (S. Salishev, I. Akhremchik, arXiv 2508.14004).
+Low-bit Neural Networks" (S. Salishev, I. Akhremchik, arXiv 2508.14004):
+learnable log2 step sizes and clamps give every quantized layer a
+differentiable bit-width; an exterior-point penalty drives the widths below
+the target while the network distils from its FP teacher.
 """
 
 from gdnsq_jax.bitwidths import activation_bitwidth
@@ -15,6 +18,45 @@ from gdnsq_jax.bitwidths import summarize_bitwidths
 from gdnsq_jax.bitwidths import true_bitwidth_from_codes
 from gdnsq_jax.bitwidths import true_weight_bitwidth
 from gdnsq_jax.bitwidths import weight_bitwidth
+from gdnsq_jax.calibration import calibrate
+from gdnsq_jax.calibration import calibrate_weights
+from gdnsq_jax.calibration import CalibrationResult
+from gdnsq_jax.calibration import measure_activation_widths
+from gdnsq_jax.calibration import trainable_mask
+from gdnsq_jax.interception import add_quantizer_params
+from gdnsq_jax.interception import format_quantization_report
+from gdnsq_jax.interception import LayerInfo
+from gdnsq_jax.interception import quantization_report
+from gdnsq_jax.interception import QuantizationRules
+from gdnsq_jax.interception import QuantizedModel
+from gdnsq_jax.interception import quantize_model
+from gdnsq_jax.layers import NOISE_RNG
+from gdnsq_jax.layers import QUANT_STATS
+from gdnsq_jax.layers import QuantAct
+from gdnsq_jax.layers import QuantConv
+from gdnsq_jax.layers import QuantDense
+from gdnsq_jax.layers import QuantSettings
+from gdnsq_jax.losses import cross_entropy_loss
+from gdnsq_jax.losses import DEFAULT_DISTILLATION_LOSS
+from gdnsq_jax.losses import distillation_loss
+from gdnsq_jax.losses import get_distillation_loss
+from gdnsq_jax.losses import jeffreys_divergence
+from gdnsq_jax.losses import jensen_shannon_divergence
+from gdnsq_jax.losses import kl_divergence
+from gdnsq_jax.losses import l1_logit_loss
+from gdnsq_jax.losses import l2_logit_loss
+from gdnsq_jax.losses import LOSSES
+from gdnsq_jax.losses import reverse_kl_divergence
+from gdnsq_jax.losses import soft_cross_entropy
+from gdnsq_jax.losses import symmetric_cross_entropy
+from gdnsq_jax.penalty import AnnealedLearningRateState
+from gdnsq_jax.penalty import bitwidth_penalty
+from gdnsq_jax.penalty import BitwidthPenalty
+from gdnsq_jax.penalty import exterior_point_penalty
+from gdnsq_jax.penalty import ExteriorPointPenaltyState
+from gdnsq_jax.penalty import gdnsq_optimizer
+from gdnsq_jax.penalty import scale_by_annealed_learning_rate
+from gdnsq_jax.penalty import schedule_metrics
 from gdnsq_jax.quantizers import DITHERS
 from gdnsq_jax.quantizers import ESTIMATORS
 from gdnsq_jax.quantizers import quantize_activation
@@ -24,20 +66,60 @@ from gdnsq_jax.quantizers import rounding_noise
 __version__ = "0.1.0"
 
 __all__ = (
+    "AnnealedLearningRateState",
+    "BitwidthPenalty",
     "BitwidthSummary",
+    "CalibrationResult",
+    "DEFAULT_DISTILLATION_LOSS",
     "DITHERS",
     "ESTIMATORS",
+    "ExteriorPointPenaltyState",
+    "LOSSES",
+    "LayerInfo",
+    "NOISE_RNG",
+    "QUANT_STATS",
+    "QuantAct",
+    "QuantConv",
+    "QuantDense",
+    "QuantSettings",
+    "QuantizationRules",
+    "QuantizedModel",
     "QuantizerIndex",
     "activation_bitwidth",
     "activation_code_range",
     "activation_level_bound",
+    "add_quantizer_params",
+    "bitwidth_penalty",
+    "calibrate",
+    "calibrate_weights",
+    "cross_entropy_loss",
     "differentiable_bitwidths",
+    "distillation_loss",
+    "exterior_point_penalty",
     "find_quantizers",
+    "format_quantization_report",
+    "gdnsq_optimizer",
+    "get_distillation_loss",
+    "jeffreys_divergence",
+    "jensen_shannon_divergence",
+    "kl_divergence",
+    "l1_logit_loss",
+    "l2_logit_loss",
+    "measure_activation_widths",
+    "quantization_report",
     "quantize_activation",
+    "quantize_model",
     "quantize_weight",
+    "reverse_kl_divergence",
     "rounding_noise",
+    "scale_by_annealed_learning_rate",
+    "schedule_metrics",
+    "soft_cross_entropy",
     "summarize_bitwidths",
+    "symmetric_cross_entropy",
+    "trainable_mask",
     "true_bitwidth_from_codes",
     "true_weight_bitwidth",
     "weight_bitwidth",
+    "__version__",
 )

@@ -66,10 +66,10 @@ DITHERS = ("uniform12", "half", "pure")
 EWGS_DELTA = 0.01
 """EWGS scaling factor delta (Decision D13)."""
 
-_FLOAT32_INTEGER_LIMIT = 2.0**23  # every float32 of this size is an integer
-
 AEWGS_VARIANCE_FLOOR = 1e-3
 AEWGS_MAX_PHI = 0.99  # the input-gradient multiplier 1 - phi stays >= 0.01
+
+_FLOAT32_INTEGER_LIMIT = 2.0**23  # every float32 of this size is an integer
 
 _DITHER_AMPLITUDE = {
     "uniform12": 0.5 / math.sqrt(3.0),
@@ -119,7 +119,7 @@ def _varying_axes(x: jax.Array) -> frozenset:
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
   if manual is not None:
     return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # jax 0.6 .. 0.9
+  return frozenset(getattr(aval, "vma", ()))  # earlier jax releases
 
 
 def _sum_to_primal_axes(cotangent: jax.Array, primal: jax.Array) -> jax.Array:

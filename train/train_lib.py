@@ -7,6 +7,8 @@ only parses flags. Layout of ``workdir``::
   checkpoints/<step>/  latest full train states (resume points)
   best/<step>/         best converged state by validation accuracy
   tensorboard/         scalars
+  config.json          the config of the run (read by train.export)
+  history.jsonl        one record per validation: widths, accuracy
   results.json, bitwidths.txt, bitwidth_dynamics.png
 """
 
@@ -154,6 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   main = sharding.is_main_process()
   if main:
     os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
   mesh = sharding.make_mesh()
   sharding.log_topology(mesh)
   for key in ("batch_size", "eval_batch_size"):
