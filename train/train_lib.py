@@ -205,8 +205,8 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
       train=False)
   report = interception.quantization_report(qmodel)
   if sharding.is_main_process():
-    logging.info("quantization placement:\n%s",
-                 interception.format_quantization_report(report))
+    print("quantization placement:\n"
+          + interception.format_quantization_report(report), flush=True)
   activation_bits = (config.quant.activation_bits
                      if settings.quantize_activations else None)
   tx = make_optimizer(config, activation_bits)
