@@ -1,0 +1,369 @@
+r"""Integer inference of an exported GDNSQ network, and its StableHLO artifact.
+
+:func:`integer_apply` runs the *original* Flax model (unmodified) under
+``nn.intercept_methods``: every exported conv / dense call is replaced by a
+computation that reads only the export's arrays, and a folded BatchNorm by
+the identity; every other module runs on the kept float variables.
+
+Quantized layer (weights and input both quantized). Activation codes
+``k_x = round((clip(x, b, b + q - s_a) - b) / s_a)`` (clipped to
+``0 .. levels - 1``) and the unpacked weight codes ``k_w`` are integers; the
+fake-quant layer computes ``conv(x_hat, W_hat)`` with ``x_hat = s_a k_x + b``
+inside the image, 0 in its zero padding, and ``W_hat[c] = s_w[c] k_w + z_w[c]``
+(:mod:`gdnsq_jax.quantizers` forms them as ``c + s (round(v) - v)``, equal
+up to float32 rounding). With ``valid`` = 1 inside the image and 0 in the
+padding (and in input-dilation holes):
+
+.. math::
+
+  conv(\hat x, \hat W)[c] = s_a s_w[c]\, conv(k_x, k_w)[c]
+      + s_a z_w[c]\, conv(k_x, 1)
+      + b\, s_w[c]\, conv(valid, k_w)[c]
+      + b\, z_w[c]\, conv(valid, 1)
+
+``conv(k_x, k_w)`` and ``conv(k_x, 1)`` (window sums of the codes, per group)
+are integer convolutions accumulated in int32
+(``preferred_element_type=jnp.int32``) on int8 / int16 operands; the last two
+terms depend only on the input's spatial shape. The epilogue, in float32,
+multiplies by the scales, then by ``output_scale`` (a folded BatchNorm) and
+adds ``bias``. A dense layer is the same with sums over the input features.
+
+A layer with only one quantized side (``A >= 32`` or ``W >= 32``) and every FP
+layer run Flax's float computation (the same ``lax`` call) on the
+dequantized / float operands. The result equals the fake-quant evaluation
+``qmodel.apply(variables, x, train=False)`` up to float32 rounding, and a
+rare activation code flipping at a rounding tie because of it (see
+:mod:`gdnsq_jax.export_verification`).
+
+:func:`export_inference` lowers the integer function with ``jax.export``
+(batch size symbolic); :func:`serialize_inference` / :func:`load_inference`
+turn it into bytes and back. The exported function takes only the input:
+the packed codes and float parameters are *constants baked into* the
+StableHLO module (unpacked in-graph by :func:`gdnsq_jax.packing.
+unpack_codes_jax`), so the artifact is served without the arrays file or any
+of this package's Python code. (``jax.export`` serialization needs the
+``flatbuffers`` package.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from gdnsq_jax import packing
+from gdnsq_jax.export import ExportError
+from gdnsq_jax.export import IntegerExport
+
+__all__ = [
+    "export_inference",
+    "exported_layer_apply",
+    "integer_apply",
+    "load_inference",
+    "serialize_inference",
+]
+
+
+def _code_dtype(max_code: int):
+  """The narrowest signed integer type holding codes up to ``max_code``."""
+  if max_code <= 127:
+    return jnp.int8
+  if max_code <= 32767:
+    return jnp.int16
+  return jnp.int32
+
+
+def _activation_codes(arrays, x):
+  """``clip(round((clip(x, b, high) - b) / s), 0, levels - 1)``, int32."""
+  step, low = arrays["activation_step"], arrays["activation_clamp_low"]
+  high = arrays["activation_clamp_high"]
+  xf = x.astype(jnp.float32)
+  c = jnp.where(xf < low, low, jnp.where(xf > high, high, xf))
+  codes = jnp.round((c - low) / step).astype(jnp.int32)
+  return jnp.clip(codes, 0, arrays["activation_levels"] - 1)
+
+
+def _weight_codes(entry, arrays):
+  shape = tuple(entry["kernel_shape"])
+  codes = packing.unpack_codes_jax(
+      arrays["weight_codes"], entry["weight_bits"], int(np.prod(shape)))
+  return codes.reshape(shape)
+
+
+def _dequantized_kernel(entry, arrays):
+  if "kernel" in arrays:
+    return jnp.asarray(arrays["kernel"], jnp.float32)
+  step, zero = arrays["weight_step"], arrays["weight_zero"]
+  return step * _weight_codes(entry, arrays).astype(jnp.float32) + zero
+
+
+def _conv_geometry(module: nn.Conv):
+  """Flax ``nn.Conv``'s strides, dilations, padding as lax arguments."""
+  kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                 else tuple(module.kernel_size))
+  n = len(kernel_size)
+
+  def broadcast(value):  # None means 1, as in flax
+    value = 1 if value is None else value
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+  strides = broadcast(module.strides)
+  lhs_dilation = broadcast(module.input_dilation)
+  rhs_dilation = broadcast(module.kernel_dilation)
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  pre_pad = None
+  if padding in ("CIRCULAR", "REFLECT"):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dilation)]
+    pre_pad = ([(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated]
+               + [(0, 0)], {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    pre_pad = ([(0, 0), (rhs_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)],
+               "constant")
+    padding = "VALID"
+  spatial = "".join("HWDXYZ"[i] for i in range(n))
+  numbers = lax.conv_dimension_numbers(
+      (1,) * (n + 2), (1,) * (n + 2),
+      (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+
+  def conv(lhs, rhs, groups=1, integer=True):
+    if pre_pad is not None:
+      lhs = jnp.pad(lhs, pre_pad[0], mode=pre_pad[1])
+    return lax.conv_general_dilated(
+        lhs, rhs, strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=numbers,
+        feature_group_count=groups,
+        precision=None if integer else module.precision,
+        preferred_element_type=jnp.int32 if integer else None)
+
+  return kernel_size, conv
+
+
+def _flat_batch(x, kernel_size):
+  """``x`` with its batch axes as one, and a function restoring them."""
+  n_batch = x.ndim - (len(kernel_size) + 1)
+  batch_shape = x.shape[:n_batch]
+  x = x.reshape((-1,) + x.shape[n_batch:])
+  return x, lambda y: y.reshape(batch_shape + y.shape[1:])
+
+
+def _integer_conv(module: nn.Conv, entry, arrays, x, kx=None):
+  """The four-term integer convolution of the module docstring (float32)."""
+  if module.mask is not None:
+    raise ExportError(
+        f"layer {entry['path']!r} is a masked conv; integer inference does "
+        "not support kernel masks (keep it FP with QuantizationRules.exclude)")
+  kernel_size, conv = _conv_geometry(module)
+  x, restore_batch = _flat_batch(x, kernel_size)
+  kx = _activation_codes(arrays, x) if kx is None else kx.reshape(x.shape)
+  kw = _weight_codes(entry, arrays)
+  max_code = max(entry["activation_levels"] - 1, 2**entry["weight_bits"] - 1)
+  dtype = _code_dtype(max_code)
+  groups = module.feature_group_count
+  in_per_group, out = kw.shape[-2], kw.shape[-1]
+  acc = conv(kx.astype(dtype), kw.astype(dtype), groups)
+  group_ones = jnp.ones(kernel_size + (in_per_group, groups), dtype)
+  code_sums = jnp.repeat(conv(kx.astype(dtype), group_ones, groups),
+                         out // groups, axis=-1)
+  valid = jnp.ones((1,) + x.shape[1:-1] + (1,), jnp.int32)
+  valid_kernel_sums = conv(
+      valid, jnp.sum(kw, axis=-2, keepdims=True, dtype=jnp.int32))
+  valid_counts = conv(valid, jnp.ones(kernel_size + (1, 1), jnp.int32))
+  valid_counts = valid_counts * in_per_group
+  y = _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts)
+  return restore_batch(y)
+
+
+def _integer_dense(entry, arrays, x, kx=None):
+  kx = _activation_codes(arrays, x) if kx is None else kx
+  kw = _weight_codes(entry, arrays)
+  dtype = _code_dtype(max(entry["activation_levels"] - 1,
+                          2**entry["weight_bits"] - 1))
+  acc = lax.dot_general(kx.astype(dtype), kw.astype(dtype),
+                        (((kx.ndim - 1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.int32)
+  code_sums = jnp.sum(kx, axis=-1, keepdims=True, dtype=jnp.int32)
+  valid_kernel_sums = jnp.sum(kw, axis=0, dtype=jnp.int32)
+  valid_counts = jnp.int32(kw.shape[0])
+  return _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts)
+
+
+def _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts):
+  """``s_a (s_w acc + z_w sums) + b (s_w valid_k + z_w valid_n)``, scaled."""
+  f = lambda v: jnp.asarray(v).astype(jnp.float32)
+  s_a, b = arrays["activation_step"], arrays["activation_clamp_low"]
+  s_w, z_w = arrays["weight_step"], arrays["weight_zero"]
+  y = (s_a * (s_w * f(acc) + z_w * f(code_sums))
+       + b * (s_w * f(valid_kernel_sums) + z_w * f(valid_counts)))
+  if "output_scale" in arrays:
+    y = y * arrays["output_scale"]
+  if "bias" in arrays:
+    y = y + arrays["bias"]
+  return y
+
+
+def _float_layer(module, entry, arrays, x, kx=None):
+  """The layer's float computation (as Flax's) on dequantized / float data.
+
+  ``x`` is replaced by ``x_hat = s_a k_x + b`` when the input is quantized,
+  the kernel by ``W_hat = s_w k_w + z_w`` when the weights are.
+  """
+  if "activation_step" in arrays:
+    kx = _activation_codes(arrays, x) if kx is None else kx
+    codes = kx.astype(jnp.float32)
+    x = (arrays["activation_step"] * codes
+         + arrays["activation_clamp_low"]).astype(x.dtype)
+  kernel = _dequantized_kernel(entry, arrays)
+  if getattr(module, "mask", None) is not None:  # nn.Conv's kernel mask
+    kernel = kernel * module.mask
+  dtype = module.dtype or jnp.result_type(x.dtype, kernel.dtype)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if isinstance(module, nn.Conv):
+    kernel_size, conv = _conv_geometry(module)
+    x, restore_batch = _flat_batch(x, kernel_size)
+    y = restore_batch(conv(x, kernel, module.feature_group_count,
+                           integer=False))
+  else:
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                        precision=module.precision)
+  if "output_scale" in arrays:
+    y = y * arrays["output_scale"]
+  if "bias" in arrays:
+    y = y + arrays["bias"]
+  return y
+
+
+def exported_layer_apply(module: nn.Module, entry: Mapping[str, Any],
+                         arrays: Mapping[str, Any], inputs: jax.Array,
+                         activation_codes: Optional[jax.Array] = None
+                         ) -> jax.Array:
+  """One exported conv / dense on ``inputs`` (integer path when possible).
+
+  Args:
+    module: the bound ``nn.Conv`` / ``nn.Dense`` being replaced.
+    entry: its manifest entry.
+    arrays: its arrays (``IntegerExport.layer_arrays``).
+    inputs: the layer input.
+    activation_codes: the input's integer codes if already known (int32,
+      ``inputs``' shape); by default computed from ``inputs``.
+
+  Returns:
+    The layer output (folded BatchNorm included), in the layer's dtype.
+  """
+  out_dtype = module.dtype or jnp.result_type(inputs.dtype, jnp.float32)
+  if "weight_codes" in arrays and "activation_step" in arrays:
+    if isinstance(module, nn.Conv):
+      y = _integer_conv(module, entry, arrays, inputs, activation_codes)
+    else:
+      y = _integer_dense(entry, arrays, inputs, activation_codes)
+  else:
+    y = _float_layer(module, entry, arrays, inputs, activation_codes)
+  return y.astype(out_dtype)
+
+
+def integer_apply(model: nn.Module, export: IntegerExport, x: jax.Array,
+                  arrays: Optional[Mapping[str, Any]] = None) -> Any:
+  """Runs the exported network on ``x`` with integer codes (module docs).
+
+  Jittable; under ``jax.jit(lambda x: integer_apply(model, export, x))`` the
+  arrays are compile-time constants. To pass them as arguments instead,
+  jit ``lambda arrays, x: integer_apply(model, export, x, arrays)``.
+
+  Args:
+    model: the unmodified Flax model the export came from.
+    export: an :class:`IntegerExport` (from ``export_model`` or
+      ``load_export``).
+    x: a batch of inputs, ``(batch,) + manifest['input_shape']``.
+    arrays: replaces ``export.arrays`` (same keys), e.g. traced arguments.
+
+  Returns:
+    What ``model.apply`` returns (the logits).
+
+  Raises:
+    ExportError: the model calls a conv / dense the export does not hold.
+  """
+  if arrays is not None:
+    export = IntegerExport(export.manifest, dict(arrays))
+  entries = {e["path"]: e for e in export.layers}
+  folded = {e["batch_norm"] for e in entries.values() if e["batch_norm"]}
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    if isinstance(module, nn.BatchNorm) and path in folded:
+      return args[0] if args else kwargs["x"]
+    if not isinstance(module, (nn.Conv, nn.Dense)):
+      return next_fun(*args, **kwargs)
+    if path not in entries:
+      raise ExportError(
+          f"the model calls layer {path!r}, which the export does not hold;"
+          " export with inputs and apply_kwargs that call every layer")
+    inputs = args[0] if args else kwargs["inputs"]
+    return exported_layer_apply(module, entries[path],
+                                export.layer_arrays(path), inputs)
+
+  with nn.intercept_methods(intercept):
+    return model.apply(export.variables(), x,
+                       **export.manifest["apply_kwargs"])
+
+
+def export_inference(model: nn.Module, export: IntegerExport, *,
+                     batch_size: Optional[int] = None,
+                     platforms: Optional[Sequence[str]] = None
+                     ) -> jax.export.Exported:
+  """``jax.export`` of the integer inference (arrays baked in as constants).
+
+  Args:
+    model: the unmodified Flax model.
+    export: the :class:`IntegerExport`.
+    batch_size: a fixed batch size, or None for a symbolic one.
+    platforms: lowering platforms (default: the current backend), e.g.
+      ``('cpu', 'cuda')``.
+
+  Returns:
+    The ``jax.export.Exported``; its ``call(x)`` runs it.
+  """
+  shape = tuple(export.manifest["input_shape"])
+  if batch_size is None:
+    dims = ", ".join(["batch"] + [str(d) for d in shape])
+    shape = jax.export.symbolic_shape(dims)
+  else:
+    shape = (batch_size,) + shape
+  spec = jax.ShapeDtypeStruct(shape, jnp.dtype(export.manifest["input_dtype"]))
+  fn = jax.jit(lambda x: integer_apply(model, export, x))
+  return jax.export.export(fn, platforms=platforms)(spec)
+
+
+def serialize_inference(exported: jax.export.Exported) -> bytes:
+  """``exported.serialize()``, with a clear error if flatbuffers is missing."""
+  try:
+    return bytes(exported.serialize())
+  except ImportError as err:
+    raise ExportError(
+        f"jax.export serialization needs the 'flatbuffers' package ({err}); "
+        "install it (pip install flatbuffers)") from err
+
+
+def load_inference(serialized: bytes) -> Callable[[jax.Array], Any]:
+  """The callable of a serialized export: ``deserialize(bytes).call``.
+
+  Raises:
+    ExportError: the bytes are not a serialized ``jax.export.Exported``.
+  """
+  try:
+    exported = jax.export.deserialize(bytearray(serialized))
+  except ImportError as err:
+    raise ExportError(
+        f"jax.export deserialization needs the 'flatbuffers' package ({err});"
+        " install it (pip install flatbuffers)") from err
+  except Exception as err:  # flatbuffers raises several types
+    raise ExportError(
+        f"the bytes are not a serialized jax.export function "
+        f"({type(err).__name__}: {err}); re-create model.stablehlo") from err
+  return exported.call
