@@ -59,7 +59,7 @@ def get_config(
   c.data.path = ""  # .npz file for data.name == 'npz' (images/labels arrays).
   c.data.data_dir = ""  # TFDS data_dir ('' = TFDS default ~/tensorflow_datasets).
   c.data.validation_size = 800  # Train images held out for model selection (D9).
-  c.data.batch_size = 128  # Global batch over all devices and hosts.
+  c.data.batch_size = 64  # Global batch over all devices and hosts.
   c.data.eval_batch_size = 500  # Global eval batch.
   c.data.calibration_batches = 4  # Train batches (no augmentation) to calibrate.
 
@@ -85,9 +85,9 @@ def get_config(
   c.quant.gradual = True  # False: calibrate straight to the target (one-shot).
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 2e-2  # Peak LR eta0 of RAdam.
-  c.optim.warmup_steps = 60  # Linear LR warmup from 0; t = 0 during warmup.
-  c.optim.gamma = 0.995  # LR decay per step while converged.
+  c.optim.learning_rate = 2.5e-2  # Peak LR eta0 of RAdam.
+  c.optim.warmup_steps = 50  # Linear LR warmup from 0; t = 0 during warmup.
+  c.optim.gamma = 0.99  # LR decay per step while converged.
   c.optim.t_increment = -1.0  # Penalty weight increment per step; <0: 2*lr.
   c.optim.b1 = 0.9  # RAdam beta1.
   c.optim.b2 = 0.999  # RAdam beta2.
@@ -99,7 +99,7 @@ def get_config(
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000  # Optimizer steps of the global batch (D10).
-  c.train.eval_every_steps = 62  # Validation (and convergence check) period.
+  c.train.eval_every_steps = 50  # Validation (and convergence check) period.
   c.train.log_every_steps = 20  # Console / TensorBoard period.
   c.train.checkpoint_every_steps = 250  # Latest-checkpoint period.
   c.train.early_stopping_patience = 50  # Validation checks without gain, once converged.
@@ -111,7 +111,7 @@ def get_config(
   c.teacher.num_steps = 500  # FP recipe: optimizer steps.
   c.teacher.learning_rate = 3e-3  # FP recipe: peak LR (AdamW, cosine decay).
   c.teacher.weight_decay = 1e-4  # FP recipe: AdamW weight decay.
-  c.teacher.warmup_steps = 50  # FP recipe: linear warmup steps.
+  c.teacher.warmup_steps = 40  # FP recipe: linear warmup steps.
 
   if preset in ("cifar10", "cifar100"):
     steps_per_epoch = 45_000 // 1000

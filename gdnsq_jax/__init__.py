@@ -23,6 +23,17 @@ from gdnsq_jax.calibration import calibrate_weights
 from gdnsq_jax.calibration import CalibrationResult
 from gdnsq_jax.calibration import measure_activation_widths
 from gdnsq_jax.calibration import trainable_mask
+from gdnsq_jax.export import export_model
+from gdnsq_jax.export import ExportError
+from gdnsq_jax.export import IntegerExport
+from gdnsq_jax.export import NotConvergedError
+from gdnsq_jax.export_files import ExportFormatError
+from gdnsq_jax.export_files import format_size_table
+from gdnsq_jax.export_files import load_export
+from gdnsq_jax.export_files import save_export
+from gdnsq_jax.integer_inference import integer_apply
+from gdnsq_jax.integer_inference import load_inference
+from gdnsq_jax.integer_inference import serialize_inference
 from gdnsq_jax.interception import add_quantizer_params
 from gdnsq_jax.interception import format_quantization_report
 from gdnsq_jax.interception import LayerInfo
@@ -73,10 +84,14 @@ __all__ = (
     "DEFAULT_DISTILLATION_LOSS",
     "DITHERS",
     "ESTIMATORS",
+    "ExportError",
+    "ExportFormatError",
     "ExteriorPointPenaltyState",
+    "IntegerExport",
     "LOSSES",
     "LayerInfo",
     "NOISE_RNG",
+    "NotConvergedError",
     "QUANT_STATS",
     "QuantAct",
     "QuantConv",
@@ -95,16 +110,21 @@ __all__ = (
     "cross_entropy_loss",
     "differentiable_bitwidths",
     "distillation_loss",
+    "export_model",
     "exterior_point_penalty",
     "find_quantizers",
     "format_quantization_report",
+    "format_size_table",
     "gdnsq_optimizer",
     "get_distillation_loss",
+    "integer_apply",
     "jeffreys_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",
     "l1_logit_loss",
     "l2_logit_loss",
+    "load_export",
+    "load_inference",
     "measure_activation_widths",
     "quantization_report",
     "quantize_activation",
@@ -112,8 +132,10 @@ __all__ = (
     "quantize_weight",
     "reverse_kl_divergence",
     "rounding_noise",
+    "save_export",
     "scale_by_annealed_learning_rate",
     "schedule_metrics",
+    "serialize_inference",
     "soft_cross_entropy",
     "summarize_bitwidths",
     "symmetric_cross_entropy",

@@ -142,8 +142,20 @@ def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 
 
 def _dither(key, shape, dither: str) -> jax.Array:
+  """Rademacher signs times the dither amplitude, 32 signs per random word.
+
+  ``jax.random.rademacher`` spends one random word (and a float compare) per
+  element; here each uint32 from ``jax.random.bits`` supplies 32 independent
+  fair signs, which cut the dither's share of a CPU training step several
+  fold. Signs are iid and fair because the bits are.
+  """
   amplitude = _DITHER_AMPLITUDE[dither]
-  return amplitude * jax.random.rademacher(key, shape, dtype=jnp.float32)
+  size = math.prod(shape)
+  words = jax.random.bits(key, (-(-size // 32), 1), jnp.uint32)
+  shifts = jnp.arange(32, dtype=jnp.uint32)[None, :]
+  bits = ((words >> shifts) & jnp.uint32(1)).reshape(-1)[:size]
+  signs = bits.astype(jnp.float32) * 2.0 - 1.0
+  return (amplitude * signs).reshape(shape)
 
 
 # ---------------------------------------------------------------------------

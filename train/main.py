@@ -31,10 +31,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log every save at INFO; -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   sharding.initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if jax.process_index() != 0 or not flags.FLAGS["verbosity"].present:
-    # Orbax and JAX log every save at INFO; -v 0 brings them back.
+  if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -36,12 +36,17 @@ Conventions (chosen to match the PyTorch originals, so weights map one to one):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gdnsq_jax import conv as fast_conv
+
+ConvOp = Callable[..., jax.Array] | None
+"""A ``lax.conv_general_dilated``-compatible op for ``nn.Conv`` (None: XLA's)."""
 
 __all__ = [
     "BasicBlock",
@@ -67,7 +72,8 @@ dense_kernel_init = nn.initializers.variance_scaling(
 
 
 def _conv(
-    features: int, kernel_size: int, strides: int, dtype: Any, name: str
+    features: int, kernel_size: int, strides: int, dtype: Any, name: str,
+    conv_op: ConvOp = None,
 ) -> nn.Conv:
   """A bias-free conv with PyTorch padding ``kernel_size // 2`` on each side."""
   pad = kernel_size // 2
@@ -79,6 +85,7 @@ def _conv(
       use_bias=False,
       dtype=dtype,
       kernel_init=conv_kernel_init,
+      conv_general_dilated=conv_op,
       name=name,
   )
 
@@ -110,23 +117,28 @@ class BasicBlock(nn.Module):
     strides: stride of conv1 and of the projection shortcut.
     axis_name: data-parallel axis over which BatchNorm averages statistics.
     dtype: computation dtype.
+    conv_general_dilated: convolution op of the convs (see :class:`ResNet`).
   """
 
   features: int
   strides: int = 1
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_general_dilated: ConvOp = fast_conv.conv_general_dilated
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the block to NHWC ``x``; ``train`` uses batch statistics."""
-    y = _conv(self.features, 3, self.strides, self.dtype, "conv1")(x)
+    y = _conv(self.features, 3, self.strides, self.dtype, "conv1",
+              self.conv_general_dilated)(x)
     y = _batch_norm(train, self.axis_name, self.dtype, "bn1")(y)
     y = nn.relu(y)
-    y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
+    y = _conv(self.features, 3, 1, self.dtype, "conv2",
+              self.conv_general_dilated)(y)
     y = _batch_norm(train, self.axis_name, self.dtype, "bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.strides, self.dtype, "shortcut_conv")(x)
+      x = _conv(self.features, 1, self.strides, self.dtype,
+                "shortcut_conv", self.conv_general_dilated)(x)
       x = _batch_norm(train, self.axis_name, self.dtype, "shortcut_bn")(x)
     return nn.relu(y + x)
 
@@ -146,6 +158,10 @@ class ResNet(nn.Module):
     stem: one of :data:`STEMS`.
     axis_name: data-parallel axis name for synchronised BatchNorm (None: local).
     dtype: computation dtype; params stay float32, logits are float32.
+    conv_general_dilated: the convolution op of every conv. The default,
+      :func:`gdnsq_jax.conv.conv_general_dilated`, is XLA's convolution on
+      GPU/TPU and a faster custom-VJP formulation on CPU; None uses
+      ``lax.conv_general_dilated`` directly.
   """
 
   num_classes: int
@@ -155,6 +171,7 @@ class ResNet(nn.Module):
   stem: str
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_general_dilated: ConvOp = fast_conv.conv_general_dilated
 
   def _check_config(self) -> None:
     """Raises ValueError for an inconsistent configuration."""
@@ -197,9 +214,11 @@ class ResNet(nn.Module):
           "and channel axes"
       )
     if self.stem == "imagenet":
-      x = _conv(self.stem_width, 7, 2, self.dtype, "stem_conv")(x)
+      x = _conv(self.stem_width, 7, 2, self.dtype, "stem_conv",
+                self.conv_general_dilated)(x)
     else:
-      x = _conv(self.stem_width, 3, 1, self.dtype, "stem_conv")(x)
+      x = _conv(self.stem_width, 3, 1, self.dtype, "stem_conv",
+                self.conv_general_dilated)(x)
     x = _batch_norm(train, self.axis_name, self.dtype, "stem_bn")(x)
     x = nn.relu(x)
     if self.stem == "imagenet":
@@ -214,6 +233,7 @@ class ResNet(nn.Module):
             strides=strides,
             axis_name=self.axis_name,
             dtype=self.dtype,
+            conv_general_dilated=self.conv_general_dilated,
             name=f"stage{i}_block{j}",
         )(x, train=train)
     # Global average pool, accumulated in float32 whatever the compute dtype.

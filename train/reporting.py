@@ -157,7 +157,11 @@ def plot_bitwidth_dynamics(
   """
   if not history:
     return
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a declared dependency; tolerate bare accelerator hosts
+    print(f"matplotlib is not installed; {path} not written")
+    return
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU check for the `device` tool (about 8 minutes of device time).
+#
+# Runs from the repository root on the device machine (Python 3.12, jax CUDA,
+# flax, optax, orbax, chex preinstalled; no network). Pure-Python wheels the
+# machine lacks travel in .whl/ (git-ignored), made here once with:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     -d .whl ml_collections==1.1.0 tensorboardX==2.6.5 tqdm flatbuffers
+#
+# and the call: run(command="bash bench/gpu_check.sh", carry=[".whl"],
+#                   timeout_s=540)
+# Writes under $OUT: speed.txt (FP vs GDNSQ W2A2 step, ResNet-20, batch
+# 1000), w2a2/results.json + bitwidths.txt (short CIFAR-shaped W2A2 run on
+# random data: throughput and the bit-width descent, not accuracy), env.txt.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. Train-step throughput, FP vs GDNSQ W2A2 (XLA's conv on GPU).
+timeout 240 python3 -m bench.speed --models resnet20 --batch 1000 \
+  --configs fp-xla,w2a2-xla --repeats 20 2>&1 | tee "$OUT/speed.txt"
+
+# 2. A short CIFAR-shaped W2A2 run on random data (timing + width descent).
+python3 - <<'PY'
+import numpy as np
+rng = np.random.default_rng(0)
+np.savez("/tmp/cifar_shaped.npz",
+         train_images=rng.integers(0, 256, (20000, 32, 32, 3), np.uint8),
+         train_labels=rng.integers(0, 10, 20000).astype(np.uint8),
+         test_images=rng.integers(0, 256, (2000, 32, 32, 3), np.uint8),
+         test_labels=rng.integers(0, 10, 2000).astype(np.uint8))
+PY
+timeout 240 python3 -m train.main --config configs/w2a2.py:cifar10 \
+  --workdir /tmp/w2a2_gpu --config.data.name=npz \
+  --config.data.path=/tmp/cifar_shaped.npz --config.data.validation_size=2000 \
+  --config.teacher.num_steps=100 --config.train.num_steps=600 \
+  --config.optim.warmup_steps=50 --config.optim.learning_rate=0.02 \
+  --config.train.eval_every_steps=100 --config.train.checkpoint_every_steps=300 \
+  2>&1 | tail -n 40 | tee "$OUT/w2a2.log"
+mkdir -p "$OUT/w2a2"
+cp /tmp/w2a2_gpu/results.json /tmp/w2a2_gpu/bitwidths.txt \
+  /tmp/w2a2_gpu/bitwidth_dynamics.png "$OUT/w2a2/" 2>/dev/null
+echo "done: $OUT"

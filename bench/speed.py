@@ -1,0 +1,248 @@
+"""Train-step throughput of FP and GDNSQ steps with XLA's and the fast conv.
+
+Prints one row per (model, configuration): the median wall time of one
+jitted train step on random data (batch of CIFAR-shaped 32x32x3 images for
+ResNet-20, 28x28x1 for the digits ResNet), images per second, the median
+process CPU time of a step (steadier than wall time when other processes
+share the CPU), the speed-up over ``fp-xla`` and, for GDNSQ rows, the GDNSQ /
+FP step-time ratio (against the FP row with the same conv). Configurations
+run interleaved (A B C A B C ...) after their warm-up, in one process.
+
+Configurations:
+
+* ``fp-xla`` / ``fp-fast`` / ``fp-matmul``: label cross-entropy, SGD with
+  momentum; conv = ``lax.conv_general_dilated`` / :mod:`gdnsq_jax.conv`
+  ``auto`` / shifted-window matmuls for every pass.
+* ``w2a2-fast`` / ``w2a2-xla``: the GDNSQ W2A2 step of the training program
+  (``train.steps.make_train_step`` with the ``configs/w2a2.py`` settings,
+  rules, optimizer and distillation loss; FP teacher with the same conv).
+
+Run from the repository root with the package importable::
+
+  python -m bench.speed --models digits_resnet,resnet20 --repeats 10
+  PYTHONPATH=. python bench/speed.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import w2a2
+from gdnsq_jax import conv as fast_conv
+from gdnsq_jax import interception
+from train import models
+from train import steps
+from train import train_lib
+
+CONVS: dict[str, Callable[..., jax.Array]] = {
+    "xla": jax.lax.conv_general_dilated,
+    "fast": fast_conv.conv_general_dilated,
+    "matmul": functools.partial(fast_conv.conv_general_dilated,
+                                algorithm="matmul"),
+}
+CONFIGS = ("fp-xla", "fp-fast", "fp-matmul", "w2a2-xla", "w2a2-fast")
+DEFAULT_CONFIGS = ("fp-xla", "fp-fast", "w2a2-fast")
+IMAGE_SHAPES = {"digits_resnet": (28, 28, 1), "resnet20": (32, 32, 3),
+                "resnet18": (224, 224, 3)}
+W2A2_PRESETS = {"digits_resnet": None, "resnet20": "cifar10",
+                "resnet18": "imagenet"}
+
+
+def _swap_conv(conv, next_fun, args, kwargs, context):
+  """Interceptor: gives every ``nn.Conv`` without a conv function ``conv``.
+
+  The bound module is a fresh object in each trace, so setting its field
+  (bypassing the frozen dataclass) changes only this call.
+  """
+  module = context.module
+  if (type(module) is nn.Conv and context.method_name == "__call__"
+      and module.conv_general_dilated is None):
+    object.__setattr__(module, "conv_general_dilated", conv)
+  return next_fun(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithConv:
+  """``model`` whose ``apply`` runs its ``nn.Conv`` layers with ``conv``.
+
+  Used while ``train.models`` has no ``conv_general_dilated`` attribute;
+  ``model_with_conv`` passes the attribute directly once it exists.
+  """
+
+  model: Any
+  conv: Callable[..., jax.Array]
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, *args, **kwargs):
+    with nn.intercept_methods(functools.partial(_swap_conv, self.conv)):
+      return self.model.apply(*args, **kwargs)
+
+
+def model_with_conv(name: str, num_classes: int, conv) -> Any:
+  """A ``train.models`` model whose convs call ``conv``."""
+  fields = {f.name for f in dataclasses.fields(models.MODELS[name])}
+  if "conv_general_dilated" in fields:
+    return models.get_model(name, num_classes, conv_general_dilated=conv)
+  return WithConv(models.get_model(name, num_classes), conv)
+
+
+def _all_true(params):
+  return jax.tree.map(lambda _: jnp.asarray(True), params)
+
+
+def make_fp_step(model, variables, batch):
+  """(jitted step, args): FP training on labels, SGD + momentum."""
+  tx = optax.with_extra_args_support(optax.sgd(0.05, momentum=0.9))
+  state = steps.create_state(variables, tx, _all_true(variables["params"]),
+                             jax.random.key_data(jax.random.key(1)))
+  step = steps.make_train_step(
+      model, tx, steps.make_task_loss(steps.LABELS, 1.0), quantized=False)
+  return jax.jit(step), (state, batch, None)
+
+
+def make_gdnsq_step(model, variables, batch, config):
+  """(jitted step, args): the GDNSQ step of ``config`` distilling from FP.
+
+  Plug-in point for other quantized models: ``model`` is the FP model (used
+  as the teacher and quantized by ``quantize_model``), ``variables`` its FP
+  variables, ``batch`` ``{'image', 'label'}``.
+  """
+  settings = train_lib.quant_settings(config)
+  sample = jax.ShapeDtypeStruct((1,) + batch["image"].shape[1:], jnp.float32)
+  qmodel = interception.quantize_model(
+      model, sample, settings=settings, rules=train_lib.quant_rules(config),
+      train=False)
+  abstract = jax.eval_shape(
+      lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
+  qvariables = interception.add_quantizer_params(variables, abstract)
+  bits = (config.quant.activation_bits if settings.quantize_activations
+          else None)
+  tx = train_lib.make_optimizer(config, bits)
+  state = steps.create_state(qvariables, tx, _all_true(qvariables["params"]),
+                             jax.random.key_data(jax.random.key(2)))
+  step = steps.make_train_step(
+      qmodel, tx,
+      steps.make_task_loss(config.distill.loss, config.distill.temperature),
+      teacher_model=model)
+  return jax.jit(step), (state, batch, variables)
+
+
+def _timed(step, args) -> tuple[float, float]:
+  """(wall, process CPU) seconds of one step."""
+  cpu, wall = time.process_time(), time.perf_counter()
+  jax.block_until_ready(step(*args))
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def benchmark(model_name: str, configs, batch_size: int, repeats: int,
+              warmup: int) -> list[dict[str, Any]]:
+  """Interleaved timings of ``configs`` for one model; one dict per config."""
+  rng = np.random.default_rng(0)
+  shape = (batch_size,) + IMAGE_SHAPES[model_name]
+  batch = {"image": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+  plain = models.get_model(model_name, 10)
+  variables = plain.init(jax.random.key(0), batch["image"][:1], train=False)
+  runs = {}
+  for name in configs:
+    kind, conv = name.split("-")
+    model = model_with_conv(model_name, 10, CONVS[conv])
+    if kind == "fp":
+      runs[name] = make_fp_step(model, variables, batch)
+    else:
+      config = w2a2.get_config(W2A2_PRESETS[model_name])
+      runs[name] = make_gdnsq_step(model, variables, batch, config)
+    for _ in range(warmup + 1):  # the first call compiles
+      _timed(*runs[name])
+  times = {name: [] for name in configs}
+  for _ in range(repeats):
+    for name in configs:
+      times[name].append(_timed(*runs[name]))
+  rows = []
+  for name in configs:
+    wall = statistics.median(t[0] for t in times[name])
+    cpu = statistics.median(t[1] for t in times[name])
+    rows.append({"model": model_name, "config": name, "wall_s": wall,
+                 "cpu_s": cpu, "images_per_s": batch_size / wall})
+  by_name = {r["config"]: r for r in rows}
+  for row in rows:
+    base = by_name.get("fp-xla")
+    row["speedup"] = base["wall_s"] / row["wall_s"] if base else None
+    fp = by_name.get("fp-" + row["config"].split("-")[1])
+    is_gdnsq = not row["config"].startswith("fp-")
+    row["gdnsq_over_fp"] = (row["wall_s"] / fp["wall_s"]
+                            if is_gdnsq and fp else None)
+  return rows
+
+
+def format_table(rows) -> str:
+  """A fixed-width table of :func:`benchmark` rows."""
+  header = (f"{'model':<14} {'config':<10} {'step ms':>8} {'img/s':>7} "
+            f"{'cpu ms':>8} {'vs fp-xla':>9} {'GDNSQ/FP':>8}")
+  lines = [header, "-" * len(header)]
+  fmt = lambda v, f: format(v, f) if v is not None else "-"
+  for r in rows:
+    lines.append(
+        f"{r['model']:<14} {r['config']:<10} {r['wall_s'] * 1e3:>8.1f} "
+        f"{r['images_per_s']:>7.0f} {r['cpu_s'] * 1e3:>8.1f} "
+        f"{fmt(r['speedup'], '.2f'):>9} {fmt(r['gdnsq_over_fp'], '.2f'):>8}")
+  return "\n".join(lines)
+
+
+def _names(text: str, allowed) -> tuple[str, ...]:
+  names = tuple(n for n in text.split(",") if n)
+  unknown = [n for n in names if n not in allowed]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+        f"unknown or no names {unknown or text!r}; choose from: "
+        f"{', '.join(allowed)} (comma-separated)")
+  return names
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default="digits_resnet,resnet20",
+                      type=lambda s: _names(s, tuple(IMAGE_SHAPES)),
+                      help="comma-separated models (default: %(default)s)")
+  parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                      type=lambda s: _names(s, CONFIGS),
+                      help=f"comma-separated, from {', '.join(CONFIGS)} "
+                      "(default: %(default)s)")
+  parser.add_argument("--batch", type=int, default=128,
+                      help="images per step (default: %(default)s)")
+  parser.add_argument("--repeats", type=int, default=10,
+                      help="timed steps per config (default: %(default)s)")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed steps after compiling (default: "
+                      "%(default)s)")
+  args = parser.parse_args(argv)
+  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
+        f"fast conv enabled: {fast_conv.fast_conv_enabled()}; batch "
+        f"{args.batch}, median of {args.repeats} interleaved steps", flush=True)
+  rows = []
+  for model_name in args.models:
+    rows += benchmark(model_name, args.configs, args.batch, args.repeats,
+                      args.warmup)
+    print(format_table(rows[-len(args.configs):]), flush=True)
+  if len(args.models) > 1:
+    print("\n" + format_table(rows))
+
+
+if __name__ == "__main__":
+  main()
