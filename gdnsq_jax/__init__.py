@@ -47,6 +47,8 @@ from gdnsq_jax.layers import QuantAct
 from gdnsq_jax.layers import QuantConv
 from gdnsq_jax.layers import QuantDense
 from gdnsq_jax.layers import QuantSettings
+from gdnsq_jax.learning_rate import AnnealedLearningRateState
+from gdnsq_jax.learning_rate import scale_by_annealed_learning_rate
 from gdnsq_jax.losses import cross_entropy_loss
 from gdnsq_jax.losses import DEFAULT_DISTILLATION_LOSS
 from gdnsq_jax.losses import distillation_loss
@@ -60,13 +62,11 @@ from gdnsq_jax.losses import LOSSES
 from gdnsq_jax.losses import reverse_kl_divergence
 from gdnsq_jax.losses import soft_cross_entropy
 from gdnsq_jax.losses import symmetric_cross_entropy
-from gdnsq_jax.penalty import AnnealedLearningRateState
 from gdnsq_jax.penalty import bitwidth_penalty
 from gdnsq_jax.penalty import BitwidthPenalty
 from gdnsq_jax.penalty import exterior_point_penalty
 from gdnsq_jax.penalty import ExteriorPointPenaltyState
 from gdnsq_jax.penalty import gdnsq_optimizer
-from gdnsq_jax.penalty import scale_by_annealed_learning_rate
 from gdnsq_jax.penalty import schedule_metrics
 from gdnsq_jax.quantizers import DITHERS
 from gdnsq_jax.quantizers import ESTIMATORS

@@ -1,4 +1,4 @@
-"""GDNSQ's exterior-point bit-width penalty and learning-rate rule, as optax.
+"""GDNSQ's exterior-point bit-width penalty and full optimizer, as optax.
 
 Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
 Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004 (method
@@ -14,28 +14,31 @@ flax's ``TrainState.apply_gradients`` drops extra arguments; call::
 A non-finite ``value`` enters the running loss sum as is, so ``Lbar``
 (logged as ``penalty/mean_task_loss``) and every later update become
 non-finite and the host's non-finite check stops the run; nothing is skipped
-silently.
+silently. The learning-rate rule lives in :mod:`gdnsq_jax.learning_rate`;
+:func:`gdnsq_optimizer` chains it after the penalty and RAdam.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from gdnsq_jax.learning_rate import _check
+from gdnsq_jax.learning_rate import _check_steps
+from gdnsq_jax.learning_rate import _is_real
+from gdnsq_jax.learning_rate import AnnealedLearningRateState
+from gdnsq_jax.learning_rate import scale_by_annealed_learning_rate
+
 __all__ = [
-    "AnnealedLearningRateState",
     "BitwidthPenalty",
     "ExteriorPointPenaltyState",
     "UNCONSTRAINED_ACTIVATION_BITS",
     "bitwidth_penalty",
     "exterior_point_penalty",
     "gdnsq_optimizer",
-    "scale_by_annealed_learning_rate",
     "schedule_metrics",
 ]
 
@@ -44,22 +47,6 @@ __all__ = [
 UNCONSTRAINED_ACTIVATION_BITS = 32
 
 BitwidthFn = Callable[[Any], tuple[jax.Array, jax.Array]]
-
-
-def _check(name: str, x: Any, ok: bool, allowed: str, fix: str) -> None:
-  if not ok:
-    raise ValueError(f"{name}={x!r} is invalid; it must be {allowed}. {fix}")
-
-
-def _is_real(x: Any) -> bool:
-  return (isinstance(x, numbers.Real) and not isinstance(x, bool)
-          and math.isfinite(x))
-
-
-def _check_steps(name: str, x: Any) -> None:
-  _check(name, x, isinstance(x, numbers.Integral)
-         and not isinstance(x, bool) and x >= 0, "an integer >= 0",
-         "Count optimizer steps of the global batch; 0 disables the warmup.")
 
 
 def _validate_penalty_args(weight_bits, activation_bits, epsilon, power):
@@ -264,86 +251,6 @@ def exterior_point_penalty(
         weighted_penalty=scale * penalty,
         active_weight_constraints=terms.active_weight_constraints,
         active_activation_constraints=terms.active_activation_constraints)
-    return updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class AnnealedLearningRateState(NamedTuple):
-  """State of :func:`scale_by_annealed_learning_rate`; all scalar arrays."""
-
-  count: jax.Array  # int32, completed optimizer steps
-  lr_factor: jax.Array  # lambda, the annealing factor (starts at 1)
-  learning_rate: jax.Array  # the learning rate used at the last step
-
-
-def scale_by_annealed_learning_rate(
-    learning_rate: float,
-    *,
-    warmup_steps: int,
-    gamma: float,
-) -> optax.GradientTransformationExtraArgs:
-  """Scales updates by ``-lr``: linear warmup, then anneal while converged.
-
-  GDNSQ's TemperatureScale rule (arXiv 2508.14004; method spec 8.1). At step
-  ``k + 1`` (``k`` steps completed) with ``eta0 = learning_rate``:
-
-  * ``k <= W``: ``lr = eta0 * k / W`` (the first step runs at 0; ``W = 0``
-    gives ``eta0``);
-  * ``k > W``: ``lambda <- lambda * (gamma if converged else 1)`` and
-    ``lr = eta0 * lambda``; the decay pauses while convergence is lost.
-
-  ``converged`` is an extra argument of ``update`` (bool scalar; False when
-  absent). Put this last in the chain, after ``optax.scale_by_radam()``.
-
-  Args:
-    learning_rate: peak learning rate ``eta0``.
-    warmup_steps: warmup length ``W`` in optimizer steps.
-    gamma: decay factor per converged post-warmup step, in ``(0, 1]``.
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` whose state is an
-    :class:`AnnealedLearningRateState`.
-
-  Raises:
-    ValueError: for invalid hyper-parameters, or at trace time for a
-      non-scalar ``converged``.
-  """
-  _check("learning_rate", learning_rate, _is_real(learning_rate)
-         and learning_rate > 0, "a number > 0",
-         "The CIFAR reference configs use 2e-3.")
-  _check_steps("warmup_steps", warmup_steps)
-  _check("gamma", gamma, _is_real(gamma) and 0 < gamma <= 1, "in (0, 1]",
-         "The reference uses 0.9985 per step; 1 disables the annealing.")
-
-  def init_fn(params):
-    del params
-    return AnnealedLearningRateState(
-        jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32),
-        jnp.zeros((), jnp.float32))
-
-  def update_fn(updates, state, params=None, *, converged=False, **extra_args):
-    del params, extra_args
-    converged = jnp.asarray(converged, jnp.bool_)
-    if converged.shape:
-      raise ValueError(
-          f"converged must be a scalar bool; got shape {converged.shape}.")
-    completed = state.count
-    in_warmup = completed <= warmup_steps
-    decay = jnp.where(converged & ~in_warmup, jnp.float32(gamma), 1.0)
-    lr_factor = state.lr_factor * decay
-    if warmup_steps > 0:
-      warmup_lr = learning_rate * completed.astype(jnp.float32) / warmup_steps
-    else:
-      warmup_lr = jnp.float32(learning_rate)
-    lr = jnp.where(in_warmup, warmup_lr, learning_rate * lr_factor).astype(
-        jnp.float32)
-    updates = jax.tree.map(
-        lambda u: None if u is None else (-lr).astype(u.dtype) * u,
-        updates, is_leaf=lambda x: x is None)
-    new_state = AnnealedLearningRateState(
-        count=optax.safe_increment(completed), lr_factor=lr_factor,
-        learning_rate=lr)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

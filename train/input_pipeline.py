@@ -7,19 +7,16 @@ Use: ``ds = load_dataset(name)``; ``it = train_batches(ds, global_batch_size=
 Sources: ``digits`` (default; 10,000 real MNIST digits embedded in
 ``train/data/mnist10k.npz``, see ``NOTICE.md`` there); a ``.npz`` path with
 ``train_images/train_labels/test_images/test_labels`` or ``images/labels``
-(empty test split), images uint8 NHWC or NHW; TFDS ``cifar10``, ``cifar100``,
-``mnist`` (each split decoded once into memory) and ``imagenet2012`` (read
-lazily from random-access ArrayRecord files). Nothing is downloaded: absent
-data raises :class:`DatasetNotFoundError` naming the command that prepares it.
+(empty test split), images uint8 NHWC or NHW; prepared TFDS ``cifar10``,
+``cifar100``, ``mnist`` (decoded into memory) and ``imagenet2012`` (read
+lazily), see :mod:`train.tfds_source`. Nothing is downloaded: absent data
+raises :class:`DatasetNotFoundError` naming the command that prepares it.
 
 Splits (Decision D9): ``train``; ``validation``, a seeded hold-out of the
 official train split, for checkpoint selection; ``test``, the official test
 split (ImageNet: its ``validation`` split), only reported.
 
-Preprocessing (method spec section 10), numpy on the host: CIFAR train =
-reflect-pad 4 + random crop + horizontal flip; digits/MNIST train = zero-pad 2
-+ random crop (shift <= 2 px); ImageNet train = RandomResizedCrop + flip, eval
-= resize 256 + centre crop 224; then ``(x / 255 - mean) / std``.
+Preprocessing (method spec section 10): :mod:`train.augmentation`.
 
 Determinism (D10): epoch ``e`` is ordered by ``default_rng((seed, 0, e))``;
 global batch ``b`` is augmented from ``default_rng((seed, 1, e, b))`` drawn
@@ -31,12 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import importlib.util
 import math
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
+
+from train import tfds_source
+from train.augmentation import apply_augmentation
+from train.augmentation import augment
+from train.augmentation import AUGMENTATIONS
+from train.augmentation import draw_augmentation
+from train.augmentation import normalize
+from train.augmentation import preprocess_imagenet
+from train.tfds_source import DatasetFormatError
+from train.tfds_source import DatasetNotFoundError
+from train.tfds_source import LazySplit
 
 __all__ = [
     "ArraySplit", "DataPosition", "Dataset", "DatasetFormatError",
@@ -48,17 +55,8 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2557, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("crop_flip", "none", "random_resized_crop", "shift")
 SPLITS = ("train", "validation", "test")
 _SHUFFLE, _AUGMENT = 0, 1  # Salts that keep the random streams apart.
-
-
-class DatasetNotFoundError(ValueError):
-  """The dataset is not on disk; the message says how to prepare it."""
-
-
-class DatasetFormatError(ValueError):
-  """The dataset is on disk in a format this environment cannot read."""
 
 
 class _Spec(NamedTuple):
@@ -89,17 +87,6 @@ class ArraySplit:
 
   def __len__(self) -> int:
     return len(self.labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class LazySplit:
-  """Records ``indices`` of a random-access TFDS source, decoded per batch."""
-
-  source: Sequence[dict[str, Any]]
-  indices: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.indices)
 
 
 Split = Union[ArraySplit, LazySplit]
@@ -187,7 +174,12 @@ def load_dataset(
     spec = _SPECS[name]
   elif name in _SPECS:
     spec = _SPECS[name]
-    train, test = _load_tfds(name, data_dir, spec.test_split)
+    splits = ("train", spec.test_split)
+    if name == "imagenet2012":  # Too large for memory: read lazily.
+      train, test = tfds_source.lazy_splits(name, data_dir, splits)
+    else:
+      train, test = (ArraySplit(*arrays) for arrays
+                     in tfds_source.decoded_arrays(name, data_dir, splits))
   else:
     raise ValueError(
         f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_SPECS))}"
@@ -212,8 +204,7 @@ def load_dataset(
   order = np.random.default_rng(seed).permutation(len(train))
   held, kept = np.sort(order[:count]), np.sort(order[count:])
   if isinstance(train, LazySplit):
-    validation = LazySplit(train.source, train.indices[held])
-    train = LazySplit(train.source, train.indices[kept])
+    validation, train = train.subset(held), train.subset(kept)
     shape = (image_size, image_size, 3)
   else:
     validation = ArraySplit(train.images[held], train.labels[held])
@@ -258,152 +249,6 @@ def _channel_stats(split: ArraySplit) -> tuple[tuple[float, ...], ...]:
   return tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-3).tolist())
 
 
-def _has_tensorflow() -> bool:
-  return importlib.util.find_spec("tensorflow") is not None
-
-
-def _load_tfds(name: str, data_dir: Optional[str], test_split: str):
-  """Train/test splits of a prepared TFDS dataset, never downloading."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  builder = tfds.builder(name, data_dir=data_dir)
-  root = builder.data_path.parents[1]
-  prepare = (
-      f'pip install "gdnsq-jax[tensorflow]" && tfds build {name} '
-      f"--data_dir {root} --file_format array_record"
-  )
-  if name == "imagenet2012":
-    prepare = (
-        "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
-        f"{root}/downloads/manual, then run: {prepare}"
-    )
-  if not builder.is_prepared():  # Checked first: tfds.load would retry DNS.
-    raise DatasetNotFoundError(
-        f"TFDS dataset {name!r} is not prepared in data_dir {str(root)!r} "
-        f"(looked for {builder.data_path}). Prepare it with: {prepare}; or "
-        "point config.data.data_dir at a directory that holds it."
-    )
-  random_access = tfds.core.FileFormat.with_random_access()
-  if builder.info.available_file_formats() & set(random_access):
-    train, test = (builder.as_data_source(split=split)
-                   for split in ("train", test_split))
-    if name == "imagenet2012":
-      whole = lambda s: LazySplit(s, np.arange(len(s)))
-      return whole(train), whole(test)
-    return _decode_all(train), _decode_all(test)
-  if name == "imagenet2012" or not _has_tensorflow():
-    why = ("imagenet2012 is read lazily, which needs ArrayRecord files"
-           if name == "imagenet2012" else "reading TFRecord needs TensorFlow "
-           '(not installed: pip install "gdnsq-jax[tensorflow]")')
-    raise DatasetFormatError(
-        f"TFDS dataset {name!r} in {builder.data_path} is stored as "
-        f"{builder.info.file_format.value}; {why}. Or rebuild it: {prepare}"
-    )
-  splits = []
-  for split in ("train", test_split):
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    splits.append(ArraySplit(arrays["image"], arrays["label"].astype(np.int32)))
-  return tuple(splits)
-
-
-def _decode_all(source: Sequence[dict[str, Any]]) -> ArraySplit:
-  """Decodes every record of a TFDS data source once, into memory."""
-  examples = [source[i] for i in range(len(source))]
-  images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
-  labels = np.asarray([e["label"] for e in examples], np.int32)
-  return ArraySplit(images, labels)
-
-
-def normalize(images: np.ndarray, mean: Sequence[float],
-              std: Sequence[float]) -> np.ndarray:
-  """Scales uint8 images to [0, 1] and standardises each channel.
-
-  Args:
-    images: uint8 (..., C).
-    mean, std: per-channel statistics of the [0, 1] images, length C.
-
-  Returns:
-    float32 ``(images / 255 - mean) / std``.
-  """
-  mean, std = np.float32(mean), np.float32(std)
-  return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
-
-
-def _draw(augmentation: str, rng: np.random.Generator, count: int):
-  """Random parameters of ``count`` examples: (dy, dx, flip)."""
-  pad = 4 if augmentation == "crop_flip" else 2
-  offsets = rng.integers(0, 2 * pad + 1, size=(count, 2))
-  flips = rng.random(count) < 0.5
-  return offsets, flips & (augmentation == "crop_flip")
-
-
-def _apply(augmentation, images, offsets, flips) -> np.ndarray:
-  """Pads, crops each image at its offset (vectorised), flips where asked."""
-  if augmentation == "none" or not len(images):
-    return images
-  pad, mode = (4, "reflect") if augmentation == "crop_flip" else (2, "constant")
-  n, height, width, _ = images.shape
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-  rows = offsets[:, :1] + np.arange(height)  # (n, H)
-  cols = offsets[:, 1:] + np.arange(width)  # (n, W)
-  out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-  return np.where(flips[:, None, None, None], out[:, :, ::-1], out)
-
-
-def augment(images: np.ndarray, augmentation: str,
-            rng: np.random.Generator) -> np.ndarray:
-  """Random train augmentation of a batch held in memory.
-
-  Args:
-    images: uint8 (N, H, W, C).
-    augmentation: ``crop_flip`` (reflect-pad 4, random crop, flip with
-      probability 1/2), ``shift`` (zero-pad 2, random crop) or ``none``.
-    rng: the source of randomness (same state, same output).
-
-  Returns:
-    uint8 (N, H, W, C).
-  """
-  return _apply(augmentation, images, *_draw(augmentation, rng, len(images)))
-
-
-def _crop_box(height: int, width: int, rng: np.random.Generator):
-  """RandomResizedCrop box (top, left, h, w): area 8-100%, ratio 3/4-4/3.
-
-  Ten tries; then the largest centred box whose ratio is clamped to range.
-  """
-  for _ in range(10):
-    area = height * width * rng.uniform(0.08, 1.0)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      return top, int(rng.integers(0, width - w + 1)), h, w
-  ratio = min(max(width / height, 3 / 4), 4 / 3)
-  w, h = min(width, round(height * ratio)), min(height, round(width / ratio))
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _imagenet_image(image, size, train, rng) -> np.ndarray:
-  """Train: RandomResizedCrop(size) + flip; eval: Resize(size*256/224) +
-  CenterCrop(size). Bilinear resizing with PIL."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  image = np.asarray(image, np.uint8)
-  image = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
-  height, width = image.shape[:2]
-  if train:
-    top, left, h, w = _crop_box(height, width, rng)
-    crop = Image.fromarray(image[top:top + h, left:left + w])
-    out = np.asarray(crop.resize((size, size), Image.BILINEAR))
-    return out[:, ::-1] if rng.random() < 0.5 else out
-  short = round(size * 256 / 224)
-  scale = short / min(height, width)
-  h, w = round(height * scale), round(width * scale)
-  out = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-  top, left = (h - size) // 2, (w - size) // 2
-  return out[top:top + size, left:left + size]
-
-
 def _load_batch(dataset, split, positions, train, seed=0, epoch=0, batch=0,
                 first=0, global_count=0) -> dict[str, np.ndarray]:
   """Images and labels of ``positions`` of ``split``, preprocessed.
@@ -415,17 +260,18 @@ def _load_batch(dataset, split, positions, train, seed=0, epoch=0, batch=0,
   if isinstance(split, ArraySplit):
     images, labels = split.images[positions], split.labels[positions]
     if train:
-      offsets, flips = _draw(
+      offsets, flips = draw_augmentation(
           dataset.augmentation, np.random.default_rng(key), global_count)
       rows = slice(first, first + len(positions))
-      images = _apply(dataset.augmentation, images, offsets[rows], flips[rows])
+      images = apply_augmentation(
+          dataset.augmentation, images, offsets[rows], flips[rows])
   else:
-    examples = [split.source[int(i)] for i in split.indices[positions]]
+    examples = split.records(positions)
     labels = np.asarray([e["label"] for e in examples], np.int32)
     images = np.zeros((len(examples),) + dataset.image_shape, np.uint8)
     for row, example in enumerate(examples):
       rng = np.random.default_rng(key + (first + row,))
-      images[row] = _imagenet_image(
+      images[row] = preprocess_imagenet(
           example["image"], dataset.image_shape[0], train, rng)
   return {
       "image": normalize(images, dataset.mean, dataset.std),
