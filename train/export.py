@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -193,6 +194,8 @@ def export_run(workdir: str, *, output_dir: Optional[str] = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
   try:
     manifest = export_run(_WORKDIR.value, output_dir=_OUTPUT.value or None,
                           force=_FORCE.value, fold_batch_norm=_FOLD_BN.value,
