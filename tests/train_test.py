@@ -201,6 +201,16 @@ class TrainProgramErrorsTest(absltest.TestCase):
                                 "cifar10.*" + data_dir):
       train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
 
+  def test_non_finite_loss_stops_with_diagnostic(self):
+    config = _config(num_steps=6)
+    nan_loss = lambda name, temperature: (
+        lambda logits, teacher_logits, labels: jnp.sum(logits) * jnp.nan)
+    with absltest.mock.patch.object(steps, "make_task_loss", nan_loss):
+      with self.assertRaisesRegex(
+          FloatingPointError,
+          r"non-finite train/loss.*at step 2; last good checkpoint: none"):
+        train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
+
   def test_config_typo_is_one_clear_error(self):
     proc = subprocess.run(
         [sys.executable, "-m", "train.main", "--config", "configs/w2a2.py",

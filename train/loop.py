@@ -143,11 +143,14 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
     is_eval = step % c.eval_every_steps == 0 or step == c.num_steps
     if step % c.log_every_steps == 0 or is_eval:
       metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["train/loss"]):
+      bad = [k for k in ("train/loss", "train/grad_norm")
+             if not np.isfinite(metrics[k])]
+      if bad:
         last = checkpoints.latest_step()
         raise FloatingPointError(
-            f"non-finite training loss {metrics['train/loss']} at step {step}"
-            "; last good checkpoint: "
+            f"non-finite {' and '.join(bad)} ("
+            + ", ".join(f"{k}={metrics[k]}" for k in bad)
+            + f") at step {step}; last good checkpoint: "
             + (checkpoints.step_dir(last) if last is not None else "none")
             + ". Lower config.optim.learning_rate or check the data")
       writer.write_scalars(step, metrics)
