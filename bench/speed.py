@@ -4,18 +4,28 @@ Prints one row per (model, configuration): the median wall time of one
 jitted train step on random data (batch of CIFAR-shaped 32x32x3 images for
 ResNet-20, 28x28x1 for the digits ResNet), images per second, the median
 process CPU time of a step (steadier than wall time when other processes
-share the CPU), the speed-up over ``fp-xla`` and, for GDNSQ rows, the GDNSQ /
-FP step-time ratio (against the FP row with the same conv). Configurations
-run interleaved (A B C A B C ...) after their warm-up, in one process.
+share the CPU), the speed-up over ``fp-xla`` and, for GDNSQ rows, the GDNSQ
+step-time ratios against the FP step (``/fp``) and against the FP
+distillation step (``/distill``), both with the same conv, by wall and by CPU
+time. Configurations run interleaved (A B C A B C ...) after their warm-up,
+in one process.
 
 Configurations:
 
 * ``fp-xla`` / ``fp-fast`` / ``fp-matmul``: label cross-entropy, SGD with
   momentum; conv = ``lax.conv_general_dilated`` / :mod:`gdnsq_jax.conv`
   ``auto`` / shifted-window matmuls for every pass.
+* ``fp-distill`` / ``fp-distill-xla``: everything the GDNSQ step does except
+  quantization: the FP student distils from the same FP teacher forward with
+  the ``configs/w2a2.py`` loss (Jeffreys) and the same optimizer chain
+  (penalty transformation, which finds no quantizer, RAdam, annealed LR).
+  ``/distill`` thus isolates the cost of the quantizers.
 * ``w2a2-fast`` / ``w2a2-xla``: the GDNSQ W2A2 step of the training program
   (``train.steps.make_train_step`` with the ``configs/w2a2.py`` settings,
   rules, optimizer and distillation loss; FP teacher with the same conv).
+
+The state of the GDNSQ rows is not calibrated (initial steps and ranges);
+the step's work does not depend on the values.
 
 Run from the repository root with the package importable::
 
@@ -52,8 +62,19 @@ CONVS: dict[str, Callable[..., jax.Array]] = {
     "matmul": functools.partial(fast_conv.conv_general_dilated,
                                 algorithm="matmul"),
 }
-CONFIGS = ("fp-xla", "fp-fast", "fp-matmul", "w2a2-xla", "w2a2-fast")
-DEFAULT_CONFIGS = ("fp-xla", "fp-fast", "w2a2-fast")
+CONFIGS: dict[str, tuple[str, str]] = {
+    "fp-xla": ("fp", "xla"),
+    "fp-fast": ("fp", "fast"),
+    "fp-matmul": ("fp", "matmul"),
+    "fp-distill": ("fp-distill", "fast"),
+    "fp-distill-xla": ("fp-distill", "xla"),
+    "w2a2-xla": ("w2a2", "xla"),
+    "w2a2-fast": ("w2a2", "fast"),
+}
+"""Configuration name -> (step kind, conv name in :data:`CONVS`)."""
+DEFAULT_CONFIGS = ("fp-xla", "fp-fast", "fp-distill", "w2a2-fast")
+GOAL_RATIO = 1.15
+"""Target of the GDNSQ / FP step-time ratio (issue 6)."""
 IMAGE_SHAPES = {"digits_resnet": (28, 28, 1), "resnet20": (32, 32, 3),
                 "resnet18": (224, 224, 3)}
 W2A2_PRESETS = {"digits_resnet": None, "resnet20": "cifar10",
@@ -114,6 +135,24 @@ def make_fp_step(model, variables, batch):
   return jax.jit(step), (state, batch, None)
 
 
+def make_distill_step(model, variables, batch, config):
+  """(jitted step, args): ``config``'s GDNSQ step without its quantizers.
+
+  The FP student distils from the FP teacher with ``config``'s loss and
+  optimizer chain; the bit-width penalty finds no quantizer in the FP params,
+  so it adds nothing but its (empty) bookkeeping.
+  """
+  bits = config.quant.activation_bits
+  tx = train_lib.make_optimizer(config, bits if bits < 32 else None)
+  state = steps.create_state(variables, tx, _all_true(variables["params"]),
+                             jax.random.key_data(jax.random.key(2)))
+  step = steps.make_train_step(
+      model, tx,
+      steps.make_task_loss(config.distill.loss, config.distill.temperature),
+      teacher_model=model)
+  return jax.jit(step), (state, batch, variables)
+
+
 def make_gdnsq_step(model, variables, batch, config):
   """(jitted step, args): the GDNSQ step of ``config`` distilling from FP.
 
@@ -158,13 +197,15 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
   plain = models.get_model(model_name, 10)
   variables = plain.init(jax.random.key(0), batch["image"][:1], train=False)
   runs = {}
+  config = w2a2.get_config(W2A2_PRESETS[model_name])
   for name in configs:
-    kind, conv = name.split("-")
+    kind, conv = CONFIGS[name]
     model = model_with_conv(model_name, 10, CONVS[conv])
     if kind == "fp":
       runs[name] = make_fp_step(model, variables, batch)
+    elif kind == "fp-distill":
+      runs[name] = make_distill_step(model, variables, batch, config)
     else:
-      config = w2a2.get_config(W2A2_PRESETS[model_name])
       runs[name] = make_gdnsq_step(model, variables, batch, config)
     for _ in range(warmup + 1):  # the first call compiles
       _timed(*runs[name])
@@ -182,24 +223,57 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
   for row in rows:
     base = by_name.get("fp-xla")
     row["speedup"] = base["wall_s"] / row["wall_s"] if base else None
-    fp = by_name.get("fp-" + row["config"].split("-")[1])
-    is_gdnsq = not row["config"].startswith("fp-")
-    row["gdnsq_over_fp"] = (row["wall_s"] / fp["wall_s"]
-                            if is_gdnsq and fp else None)
+    kind, conv = CONFIGS[row["config"]]
+    references = {
+        "fp": by_name.get(_config_name("fp", conv)),
+        "distill": by_name.get(_config_name("fp-distill", conv)),
+    }
+    for label, ref in references.items():
+      for clock in ("wall", "cpu"):
+        row[f"over_{label}_{clock}"] = (
+            row[f"{clock}_s"] / ref[f"{clock}_s"]
+            if kind == "w2a2" and ref else None)
   return rows
 
 
+def _config_name(kind: str, conv: str) -> str | None:
+  """The configuration of ``kind`` with ``conv``, or None if there is none."""
+  for name, value in CONFIGS.items():
+    if value == (kind, conv):
+      return name
+  return None
+
+
 def format_table(rows) -> str:
-  """A fixed-width table of :func:`benchmark` rows."""
-  header = (f"{'model':<14} {'config':<10} {'step ms':>8} {'img/s':>7} "
-            f"{'cpu ms':>8} {'vs fp-xla':>9} {'GDNSQ/FP':>8}")
+  """A fixed-width table of :func:`benchmark` rows, then the goal check.
+
+  ``/fp`` and ``/distill`` are the GDNSQ step time over the FP and the FP
+  distillation step time (same conv), by wall and by CPU time; the goal
+  check calls a ratio met when both clocks are within :data:`GOAL_RATIO`.
+  """
+  header = (f"{'model':<14} {'config':<14} {'step ms':>8} {'img/s':>6} "
+            f"{'cpu ms':>7} {'vs fp-xla':>9} {'/fp':>5} {'/distill':>8} "
+            f"{'/fp cpu':>7} {'/distill cpu':>12}")
   lines = [header, "-" * len(header)]
   fmt = lambda v, f: format(v, f) if v is not None else "-"
   for r in rows:
     lines.append(
-        f"{r['model']:<14} {r['config']:<10} {r['wall_s'] * 1e3:>8.1f} "
-        f"{r['images_per_s']:>7.0f} {r['cpu_s'] * 1e3:>8.1f} "
-        f"{fmt(r['speedup'], '.2f'):>9} {fmt(r['gdnsq_over_fp'], '.2f'):>8}")
+        f"{r['model']:<14} {r['config']:<14} {r['wall_s'] * 1e3:>8.1f} "
+        f"{r['images_per_s']:>6.0f} {r['cpu_s'] * 1e3:>7.1f} "
+        f"{fmt(r['speedup'], '.2f'):>9} "
+        f"{fmt(r['over_fp_wall'], '.2f'):>5} "
+        f"{fmt(r['over_distill_wall'], '.2f'):>8} "
+        f"{fmt(r['over_fp_cpu'], '.2f'):>7} "
+        f"{fmt(r['over_distill_cpu'], '.2f'):>12}")
+  for r in rows:
+    for label in ("fp", "distill"):
+      wall, cpu = r[f"over_{label}_wall"], r[f"over_{label}_cpu"]
+      if wall is None:
+        continue
+      met = "met" if max(wall, cpu) <= GOAL_RATIO else "not met"
+      lines.append(
+          f"{r['model']} {r['config']} / {label}: {wall:.2f} wall, "
+          f"{cpu:.2f} cpu (goal <= {GOAL_RATIO}: {met})")
   return "\n".join(lines)
 
 
@@ -221,7 +295,7 @@ def main(argv=None) -> None:
                       type=lambda s: _names(s, tuple(IMAGE_SHAPES)),
                       help="comma-separated models (default: %(default)s)")
   parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                      type=lambda s: _names(s, CONFIGS),
+                      type=lambda s: _names(s, tuple(CONFIGS)),
                       help=f"comma-separated, from {', '.join(CONFIGS)} "
                       "(default: %(default)s)")
   parser.add_argument("--batch", type=int, default=128,

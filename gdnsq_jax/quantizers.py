@@ -1,4 +1,4 @@
-"""GDNSQ fake-quantization numerics: pure functions around one custom_vjp.
+"""GDNSQ fake-quantization numerics: pure functions around custom_vjps.
 
 Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
 Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004.
@@ -22,6 +22,12 @@ product-rule terms of the reference composition (method spec, section 4.3):
   bound keeps its gradient), ``dL/db`` = sum of G over clamped elements,
   ``dL/dq`` = sum of G above the top, ``dL/ds = sum G * (n + s rho) - sum
   G[above]``.
+
+For activations with ``ste`` or ``lsq`` (the default) the same values come
+from one fused primitive, ``_quantize_clamped``: its backward recomputes the
+rounding error and the dither from the input in two fused passes instead of
+writing them to memory, which cut the quantizers' cost in a CPU train step
+several fold (bench/speed.py).
 
 All arithmetic runs in float32 whatever the input dtype; the output has the
 input dtype. Every function is pure and works under ``jit``, ``grad``,
@@ -149,13 +155,12 @@ def _dither(key, shape, dither: str) -> jax.Array:
   fair signs, which cut the dither's share of a CPU training step several
   fold. Signs are iid and fair because the bits are.
   """
-  amplitude = _DITHER_AMPLITUDE[dither]
+  amplitude = jnp.float32(_DITHER_AMPLITUDE[dither])
   size = math.prod(shape)
   words = jax.random.bits(key, (-(-size // 32), 1), jnp.uint32)
   shifts = jnp.arange(32, dtype=jnp.uint32)[None, :]
   bits = ((words >> shifts) & jnp.uint32(1)).reshape(-1)[:size]
-  signs = bits.astype(jnp.float32) * 2.0 - 1.0
-  return (amplitude * signs).reshape(shape)
+  return jnp.where(bits == 1, amplitude, -amplitude).reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +256,7 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
   step_grad = _sum_to_shape(step_term, step.shape).astype(step.dtype)
 
   if estimator in ("ste", "lsq"):
-    v_grad = jnp.zeros_like(e)
+    v_grad = None  # a symbolic zero: no pass over v's producers
   elif estimator == "ewgs":
     v_grad = -EWGS_DELTA * jnp.abs(g) * e
   elif estimator == "aewgs":
@@ -274,7 +279,7 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
   else:  # validated by the public entry points
     raise ValueError(validate_estimator(estimator))
   return (
-      _sum_to_primal_axes(v_grad, e),
+      None if v_grad is None else _sum_to_primal_axes(v_grad, e),
       _sum_to_primal_axes(step_grad, step),
       None,
   )
@@ -356,6 +361,112 @@ def _clamp(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
   return jnp.where(x < low, low, jnp.where(x > high, high, x))
 
 
+# ---------------------------------------------------------------------------
+# The activation quantizer for ``ste`` / ``lsq`` as one fused primitive.
+# ---------------------------------------------------------------------------
+
+
+def _clamped_rounding(x, step, width, low):
+  """Masks ``x < b`` and ``x > b + q - s``, the clip ``c`` and ``round(v) - v``.
+
+  ``c - b`` is formed branch by branch from ``x`` (``b - b`` below,
+  ``high - b`` above, ``x - b`` inside: the values ``c - b`` has), so ``c``
+  has one user and XLA fuses the quantizer instead of writing ``c`` out.
+  """
+  high = low + width - step
+  below, above = x < low, x > high
+  c = jnp.where(below, low, jnp.where(above, high, x))
+  offset = jnp.where(below, low - low, jnp.where(above, high - low, x - low))
+  return below, above, c, _rounding_error(offset / step)
+
+
+def _materialized(x: jax.Array, flag: jax.Array) -> jax.Array:
+  """``x``, written to memory once on CPU for its two consumers.
+
+  XLA:CPU fuses cheap producers into every consumer; for a sum of padded
+  tap products (a strided conv's input gradient) it then writes each padded
+  product out instead, several times ``x``'s size. A conditional is a
+  fusion boundary that XLA keeps (it drops ``optimization_barrier`` on
+  CPU); both branches are the identity (``x * 1`` is exact), so ``flag``
+  only has to be data-dependent. Other platforms get ``x`` as it is (a
+  conditional can cost a device-to-host read of ``flag`` there).
+  """
+  return lax.platform_dependent(
+      x, cpu=lambda x: lax.cond(flag, lambda t: t, lambda t: t * 1.0, x),
+      default=lambda x: x)
+
+
+_SUM_BLOCK = 512  # elements summed in sequence before the tree sum
+
+
+def _sums(terms: list[jax.Array]) -> list[jax.Array]:
+  """The sums of equally shaped arrays, computed in one pass.
+
+  One variadic reduce sums blocks of :data:`_SUM_BLOCK` elements of every
+  term, computing the terms on the fly (XLA:CPU would otherwise give each
+  sum a library reduction whose operands, broadcast scalars included, are
+  first written to memory); ``jnp.sum`` then adds the block sums. The
+  rounding error stays that of a blocked sum (~1e-7 relative).
+  """
+  pad = -terms[0].size % _SUM_BLOCK
+  blocks = [jnp.pad(t.reshape(-1), (0, pad)).reshape(-1, _SUM_BLOCK)
+            for t in terms]
+  block_sums = lax.reduce(
+      blocks, [jnp.zeros((), t.dtype) for t in terms],
+      lambda a, b: [p + q for p, q in zip(a, b)], (1,))
+  return [jnp.sum(b) for b in block_sums]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _quantize_clamped(x, step, width, low, key, estimator, dither):
+  """Float32 ``quantize_activation`` for ``ste`` / ``lsq`` (``dL/dc = G``).
+
+  The forward is the composition's; the backward is autodiff of
+  ``c + s N(v, s)`` term by term, summed in another order. Only ``x`` is
+  kept: masks, rounding error and dither are recomputed in two fused passes
+  (the input gradient; one reduce for the scalar gradients).
+  """
+  del key, estimator, dither
+  _, _, c, e = _clamped_rounding(x, step, width, low)
+  return c + step * e
+
+
+def _quantize_clamped_fwd(x, step, width, low, key, estimator, dither):
+  _, _, c, e = _clamped_rounding(x, step, width, low)
+  return c + step * e, (x, step, width, low, key)
+
+
+def _quantize_clamped_bwd(estimator, dither, residuals, g):
+  x, step, width, low, key = residuals
+  # Opaque scalars: XLA would otherwise merge the recomputed rounding error
+  # with the forward's and keep that array alive until the backward.
+  step, width, low = lax.optimization_barrier((step, width, low))
+  g = _materialized(g, step >= 0)
+  below, above, _, e = _clamped_rounding(x, step, width, low)
+  zero = jnp.zeros_like(g)
+  at_high = jnp.where(below, zero, jnp.where(above, g, zero))
+  terms = [g * e, jnp.where(below, g, zero), at_high]  # s * N; b; b + q - s
+  g_noise = step * g  # dL/dN, as the composition's
+  if estimator == "lsq":
+    terms.append(g_noise * e)
+  elif key is not None or dither == "pure":  # else the step term is 0
+    rho = zero if key is None else _dither(key, g.shape, dither)
+    terms.append(g_noise * (rho - e) / step if dither == "pure"
+                 else g_noise * rho)
+  sums = _sums(terms)
+  cotangents = (
+      jnp.where(below, zero, jnp.where(above, zero, g)),
+      sum(sums[3:], sums[0]) - sums[2],  # dL/ds
+      sums[2],  # dL/dq
+      sums[1] + sums[2],  # dL/db
+  )
+  return tuple(_sum_to_primal_axes(c, p) for c, p in zip(
+      cotangents, (x, step, width, low))) + (None,)
+
+
+_quantize_clamped.defvjp(_quantize_clamped_fwd, _quantize_clamped_bwd)
+
+
 def quantize_activation(
     x: jax.Array,
     log2_step: jax.Array,
@@ -374,6 +485,9 @@ def quantize_activation(
   ``c = clip(x, b, b + q - s)`` and ``x_hat = s * round((c - b) / s) + b``,
   codes in ``{0, ..., round(q / s - 1)}``. The clamp routes gradients like
   ``torch.clamp``: an input equal to a bound passes its gradient to ``x``.
+  ``ste`` and ``lsq`` run as one fused primitive with the same values (the
+  backward of the composition ``c + s N(v, s)`` up to float32 summation
+  order); ``ewgs`` and ``aewgs`` differentiate the composition.
 
   Args:
     x: activations, any shape and float dtype.
@@ -403,11 +517,14 @@ def quantize_activation(
           f"{name} must be a scalar (per-tensor activation quantizer), got "
           f"shape {jnp.shape(p)}"
       )
-  xf = x.astype(jnp.float32)
   step = jnp.exp2(jnp.asarray(log2_step, jnp.float32).reshape(()))
   width = jnp.exp2(jnp.asarray(log2_range, jnp.float32).reshape(()))
   low = jnp.asarray(clamp_low, jnp.float32).reshape(())
-  c = _clamp(xf, low, low + width - step)
-  v = (c - low) / step
-  out = c + step * rounding_noise(v, step, key, estimator, dither, axis_name)
+  xf = x.astype(jnp.float32)
+  if estimator in ("ste", "lsq"):
+    out = _quantize_clamped(xf, step, width, low, key, estimator, dither)
+  else:  # the composition c + s N(v, s), differentiated by JAX
+    c = _clamp(xf, low, low + width - step)
+    out = c + step * rounding_noise(
+        (c - low) / step, step, key, estimator, dither, axis_name)
   return out.astype(x.dtype)
