@@ -119,9 +119,13 @@ def load_or_train_teacher(
   return variables, path
 
 
-def evaluate_fp(model, variables, dataset, split, config, mesh):
-  """Accuracy of the FP model on ``split``."""
+def evaluate_fp(model, variables, dataset, splits, config, mesh):
+  """Evaluations of the FP model on each of ``splits`` (one compiled step)."""
   eval_step = jax.jit(steps.make_eval_step(model, quantized=False))
-  return evaluation.evaluate(
-      eval_step, sharding.replicate(variables, mesh), dataset, split,
-      global_batch_size=config.data.eval_batch_size, mesh=mesh)
+  variables = sharding.replicate(variables, mesh)
+  return [
+      evaluation.evaluate(
+          eval_step, variables, dataset, split,
+          global_batch_size=config.data.eval_batch_size, mesh=mesh)
+      for split in splits
+  ]

@@ -169,10 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   try:
     fp_variables, teacher_source = teacher_lib.load_or_train_teacher(
         config, workdir, model, dataset, mesh, writer)
-    fp_val = teacher_lib.evaluate_fp(model, fp_variables, dataset,
-                                     "validation", config, mesh)
-    fp_test = teacher_lib.evaluate_fp(model, fp_variables, dataset, "test",
-                                      config, mesh)
+    fp_val, fp_test = teacher_lib.evaluate_fp(
+        model, fp_variables, dataset, ("validation", "test"), config, mesh)
     results = {
         "mode": config.mode, "preset": config.preset,
         "model": config.model.name, "dataset": dataset.name,
