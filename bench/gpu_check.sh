@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for the `device` tool (about 8 minutes of device time).
+# GPU check for the `device` tool (at most about 8.5 minutes of device time).
 #
 # Runs from the repository root on the device machine (Python 3.12, jax CUDA,
 # flax, optax, orbax, chex preinstalled; no network). Pure-Python wheels the
@@ -29,9 +29,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. Train-step throughput, FP vs GDNSQ W2A2 (XLA's conv on GPU).
-timeout 240 python3 -m bench.speed --models resnet20 --batch 1000 \
-  --configs fp-xla,w2a2-xla --repeats 20 2>&1 | tee "$OUT/speed.txt"
+# 1. Train-step throughput, FP vs FP distillation vs GDNSQ W2A2 (XLA's conv
+#    on GPU): ResNet-20 at batch 1000, then the digits ResNet at batch 1000.
+timeout 200 python3 -m bench.speed --models resnet20 --batch 1000 \
+  --configs fp-xla,fp-distill-xla,w2a2-xla --repeats 20 2>&1 \
+  | tee "$OUT/speed.txt"
+timeout 100 python3 -m bench.speed --models digits_resnet --batch 1000 \
+  --configs fp-xla,fp-distill-xla,w2a2-xla --repeats 20 2>&1 \
+  | tee -a "$OUT/speed.txt"
 
 # 2. A short CIFAR-shaped W2A2 run on random data (timing + width descent).
 python3 - <<'PY'
@@ -43,10 +48,10 @@ np.savez("/tmp/cifar_shaped.npz",
          test_images=rng.integers(0, 256, (2000, 32, 32, 3), np.uint8),
          test_labels=rng.integers(0, 10, 2000).astype(np.uint8))
 PY
-timeout 240 python3 -m train.main --config configs/w2a2.py:cifar10 \
+timeout 200 python3 -m train.main --config configs/w2a2.py:cifar10 \
   --workdir /tmp/w2a2_gpu --config.data.name=npz \
   --config.data.path=/tmp/cifar_shaped.npz --config.data.validation_size=2000 \
-  --config.teacher.num_steps=100 --config.train.num_steps=600 \
+  --config.teacher.num_steps=100 --config.train.num_steps=400 \
   --config.optim.warmup_steps=50 --config.optim.learning_rate=0.02 \
   --config.train.eval_every_steps=100 --config.train.checkpoint_every_steps=300 \
   2>&1 | tail -n 40 | tee "$OUT/w2a2.log"
