@@ -83,6 +83,9 @@ def get_config(
   c.quant.quantize_1x1 = False  # Quantize 1x1 convs (reference: no).
   c.quant.exclude = ""  # Extra regex on module paths to keep FP ('' = none).
   c.quant.gradual = True  # False: calibrate straight to the target (one-shot).
+  # gdnsq | lsq: the fixed-bit LSQ baseline (gdnsq_jax.lsq: calibrated to the
+  # target, step gradient scaled by 1/sqrt(N Qp), no penalty; not exportable).
+  c.quant.method = "gdnsq"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2.5e-2  # Peak LR eta0 of RAdam.

@@ -58,6 +58,8 @@ from gdnsq_jax.losses import jensen_shannon_divergence
 from gdnsq_jax.losses import kl_divergence
 from gdnsq_jax.losses import l1_logit_loss
 from gdnsq_jax.losses import l2_logit_loss
+from gdnsq_jax.lsq import lsq_quantize_activation
+from gdnsq_jax.lsq import lsq_quantize_weight
 from gdnsq_jax.losses import LOSSES
 from gdnsq_jax.losses import reverse_kl_divergence
 from gdnsq_jax.losses import soft_cross_entropy
@@ -125,6 +127,8 @@ __all__ = (
     "l2_logit_loss",
     "load_export",
     "load_inference",
+    "lsq_quantize_activation",
+    "lsq_quantize_weight",
     "measure_activation_widths",
     "quantization_report",
     "quantize_activation",

@@ -223,6 +223,7 @@ def summarize_bitwidths(
     *,
     true: bool = True,
     activation_widths: Optional[Mapping[str, float]] = None,
+    fixed_weight_bits: Optional[float] = None,
 ) -> BitwidthSummary:
   """Bit-width table of a model (host-side, for logs and reports).
 
@@ -232,6 +233,9 @@ def summarize_bitwidths(
     activation_widths: measured true activation widths by quantizer path
       (e.g. max over an evaluation pass). Missing entries fall back to the
       analytic bound :func:`activation_level_bound` when ``true``.
+    fixed_weight_bits: the width of fixed-bit weight quantizers (the LSQ
+      baseline, :mod:`gdnsq_jax.lsq`), which clip codes to ``2^bits``
+      levels: true weight widths are capped at it.
 
   Returns:
     A :class:`BitwidthSummary`; empty categories report 0.
@@ -243,6 +247,8 @@ def summarize_bitwidths(
     node = _get(params, path)
     fn = true_weight_bitwidth if true else weight_bitwidth
     b = np.asarray(fn(node["kernel"], node["log2_step"]))
+    if true and fixed_weight_bits is not None:
+      b = np.minimum(b, np.float32(fixed_weight_bits))
     weight_layers[path] = (float(b.max()), float(b.mean()))
   activation_layers = {}
   for path in index.activations:

@@ -26,6 +26,8 @@ function runs the model and reduces each batch, with no Python side effects.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from flax import traverse_util
@@ -119,7 +121,9 @@ def trainable_mask(
 
   False for every param of a frozen activation quantizer
   (``log2_step == log2_range == 0``) and, when
-  ``settings.learnable_clamp_low`` is False, for every ``clamp_low``.
+  ``settings.learnable_clamp_low`` is False, for every ``clamp_low``; with
+  ``settings.method == 'lsq'`` for every ``log2_range`` (LSQ ties the grid
+  width to the step).
 
   Args:
     params: the ``params`` collection (concrete values).
@@ -137,8 +141,11 @@ def trainable_mask(
         and float(flat[_key(path, "log2_range")]) == 0.0
     ):
       frozen_leaves.update(_key(path, k) for k in _ACTIVATION_INIT)
-    elif not settings.learnable_clamp_low:
-      frozen_leaves.add(_key(path, "clamp_low"))
+    else:
+      if not settings.learnable_clamp_low:
+        frozen_leaves.add(_key(path, "clamp_low"))
+      if settings.method == "lsq":  # its width follows the step: unused
+        frozen_leaves.add(_key(path, "log2_range"))
 
   def is_trainable(key_path, _):
     name = "/".join(str(getattr(k, "key", k)) for k in key_path)
@@ -249,9 +256,32 @@ def calibrate(
     ValueError: when no batch is given or an activation quantizer was never
       called by the calibration forward pass.
   """
-  apply_fn = _model_apply(model)
   settings = settings or getattr(model, "settings", None) or QuantSettings()
+  if settings.method == "lsq":
+    # An LSQ grid's width follows its step, so the 20-bit activation init
+    # does not exist there: observe through GDNSQ quantizers instead (the
+    # same calibrated weights, activations at the 20-bit init).
+    if not (dataclasses.is_dataclass(model)
+            and isinstance(getattr(model, "settings", None), QuantSettings)):
+      raise ValueError(
+          "calibrating LSQ quantizers needs a model with a QuantSettings "
+          "`settings` field that reaches its quantizers (a QuantizedModel "
+          "from gdnsq_jax.quantize_model, or a Flax module passing its "
+          "settings to its QuantConv / QuantDense / QuantAct), so that the "
+          "observation pass can switch them to GDNSQ's; got "
+          f"{type(model).__name__}")
+    model = dataclasses.replace(
+        model, settings=dataclasses.replace(settings, method="gdnsq"))
+  apply_fn = _model_apply(model)
   bits = settings.calibration_bits if bits is None else bits
+  activation_bits = bits
+  if settings.method == "lsq":  # fixed widths: each quantizer at its own
+    if bits != settings.calibration_bits:
+      raise ValueError(
+          f"bits={bits} but LSQ quantizers have fixed widths (weights "
+          f"{settings.weight_bits}, activations {settings.activation_bits}); "
+          "calibrate them without bits=")
+    bits, activation_bits = settings.weight_bits, settings.activation_bits
   apply_kwargs = dict(apply_kwargs or {})
 
   flat = _flat(calibrate_weights(variables["params"], bits))
@@ -273,7 +303,7 @@ def calibrate(
     )
 
   activation_ranges = {}
-  levels = np.float32(2.0**bits - 1.0)
+  levels = np.float32(2.0**activation_bits - 1.0)
   for path in index.activations:
     m = np.float32(ranges[path]["input_min"])
     big_m = np.float32(ranges[path]["input_max"])
@@ -281,7 +311,7 @@ def calibrate(
     low = m if settings.learnable_clamp_low or m == big_m else np.float32(0)
     if big_m > low:
       log2_step = np.log2((big_m - low) / levels, dtype=np.float32)
-      log2_range = np.float32(log2_step + bits)
+      log2_range = np.float32(log2_step + activation_bits)
     else:  # constant input (or all below a clamp frozen at 0): frozen
       log2_step = log2_range = np.float32(0.0)
     for name, value in (

@@ -283,6 +283,11 @@ def export_model(
       its integer accumulator could overflow.
   """
   settings = qmodel.settings
+  if settings.method != "gdnsq":
+    raise ExportError(
+        f"qmodel.settings.method={settings.method!r}: export writes GDNSQ's "
+        "unclipped weight grids, and the LSQ baseline clips weight codes; "
+        "train with method='gdnsq' to export")
   if not settings.enabled:
     raise ExportError(
         "qmodel.settings.enabled is False: its quantizers are the identity, "

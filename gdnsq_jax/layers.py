@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from gdnsq_jax.bitwidths import activation_code_range
+from gdnsq_jax.lsq import lsq_quantize_activation
+from gdnsq_jax.lsq import lsq_quantize_weight
 from gdnsq_jax.quantizers import quantize_activation
 from gdnsq_jax.quantizers import quantize_weight
 from gdnsq_jax.quantizers import validate_dither
@@ -55,6 +57,7 @@ from gdnsq_jax.quantizers import validate_estimator
 __all__ = [
     "DISABLED_BITS",
     "INPUT_QUANTIZER",
+    "METHODS",
     "NOISE_RNG",
     "QUANT_STATS",
     "QuantAct",
@@ -75,6 +78,9 @@ INPUT_QUANTIZER = "input_quantizer"
 
 DISABLED_BITS = 32
 """Bit-widths at or above this disable a quantizer: no params (D12)."""
+
+METHODS = ("gdnsq", "lsq")
+"""Quantizer families: GDNSQ, and the LSQ baseline (:mod:`gdnsq_jax.lsq`)."""
 
 WEIGHT_LOG2_STEP_INIT = -12.0
 ACTIVATION_LOG2_STEP_INIT = -10.0
@@ -112,6 +118,10 @@ class QuantSettings:
       (evaluate the latent FP network with the same variables).
     calibration_bits: bit-width the calibration sets (spec section 6: 10).
     axis_name: data-parallel axis over which AEWGS statistics are averaged.
+    method: ``'gdnsq'`` (differentiable widths, noise-scale backward) or
+      ``'lsq'``: the fixed-bit LSQ baseline of :mod:`gdnsq_jax.lsq` (integer
+      widths; ``estimator``, ``activation_estimator`` and ``dither`` unused;
+      calibrated to the target widths, trained without the penalty).
   """
 
   weight_bits: float = 4
@@ -124,8 +134,12 @@ class QuantSettings:
   enabled: bool = True
   calibration_bits: int = 10
   axis_name: Optional[str] = None
+  method: str = "gdnsq"
 
   def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(
+          f"method={self.method!r}; choose one of {', '.join(METHODS)}")
     validate_estimator(self.estimator)
     validate_estimator(self.activation_estimator)
     validate_dither(self.dither)
@@ -135,6 +149,13 @@ class QuantSettings:
             f"{name}={getattr(self, name)!r} must be >= 1 (use "
             f">= {DISABLED_BITS} to disable a quantizer)"
         )
+    if self.method == "lsq":
+      for name in ("weight_bits", "activation_bits"):
+        bits = getattr(self, name)
+        if bits < DISABLED_BITS and not float(bits).is_integer():
+          raise ValueError(
+              f"method='lsq' has fixed integer widths but {name}={bits!r}; "
+              "use an integer (or >= 32 to disable the quantizer)")
 
   @property
   def quantize_weights(self) -> bool:
@@ -182,6 +203,8 @@ class QuantAct(nn.Module):
     clamp_low = _scalar_param(self, "clamp_low", ACTIVATION_CLAMP_LOW_INIT)
     if not s.learnable_clamp_low:
       clamp_low = jax.lax.stop_gradient(clamp_low)
+    if s.method == "lsq":  # fixed width: the grid width follows the step
+      log2_range = log2_step + s.activation_bits
     if self.is_mutable_collection(QUANT_STATS) and not self.is_initializing():
       xs = jax.lax.stop_gradient(x).astype(jnp.float32)
       code_min, code_max = activation_code_range(
@@ -202,6 +225,11 @@ class QuantAct(nn.Module):
             init_fn=lambda identity=identity: jnp.float32(identity),
             reduce_fn=reduce_fn,
         )
+    if s.method == "lsq":
+      if not s.enabled:
+        return x
+      return lsq_quantize_activation(
+          x, log2_step, clamp_low, bits=int(s.activation_bits))
     return quantize_activation(
         x,
         log2_step,
@@ -276,7 +304,11 @@ def apply_quantized_layer(
         shape,
         jnp.float32,
     )
-    if settings.enabled:
+    if settings.enabled and settings.method == "lsq":
+      kernel = lsq_quantize_weight(
+          kernel, log2_step, bits=int(settings.weight_bits),
+          per_channel=settings.per_channel)
+    elif settings.enabled:
       kernel = quantize_weight(
           kernel,
           log2_step,

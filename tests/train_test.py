@@ -11,6 +11,7 @@ import tempfile
 
 from absl.testing import absltest
 import chex
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +96,43 @@ class TrainProgramTest(absltest.TestCase):
     with open(os.path.join(workdir, "history.jsonl")) as f:
       history = [json.loads(l) for l in f]
     self.assertEqual([h["step"] for h in history], [4, 8, 12])
+
+  def test_lsq_baseline_keeps_fixed_widths_without_penalty(self):
+    workdir = self.create_tempdir().full_path
+    config = _config(num_steps=8)
+    config.quant.method = "lsq"
+    results = train_lib.train_and_evaluate(config, workdir)
+    self.assertLessEqual(results["true_weight_bits_max"], 2.0)
+    self.assertLessEqual(results["true_activation_bits_max"], 2.0)
+    self.assertTrue(results["converged"])
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+      history = [json.loads(l) for l in f]
+    self.assertEqual([h["converged"] for h in history], [True, True])
+    self.assertTrue(all(b <= 2.0 for h in history
+                        for b in h["weight_bits"].values()))
+    ck = checkpointing.StateCheckpointer(os.path.join(workdir, "checkpoints"))
+    early, late = (ck.restore_raw(s)["train"]["params"] for s in (4, 8))
+    ck.close()
+    early, late = (traverse_util.flatten_dict(p, sep="/")
+                   for p in (early, late))
+    steps_ = [k for k in early if k.endswith("input_quantizer/log2_step")]
+    self.assertLen(steps_, 6)
+    for key in steps_:
+      grid = key.replace("log2_step", "log2_range")
+      # LSQ's gradient moves the step; the tied grid width stays frozen.
+      self.assertNotEqual(float(early[key]), float(late[key]))
+      self.assertEqual(float(early[grid]), float(late[grid]))
+    settings = train_lib.quant_settings(config)
+    self.assertEqual((settings.method, settings.calibration_bits), ("lsq", 2))
+
+  def test_teacher_warmup_longer_than_training_is_one_clear_error(self):
+    config = tiny_setup.tiny_config(self.create_tempdir().full_path)
+    config.teacher.num_steps = 100
+    config.teacher.warmup_steps = 225
+    with self.assertRaisesRegex(
+        ValueError, r"teacher.warmup_steps=225 must be below "
+        r"config.teacher.num_steps=100"):
+      train_lib.train_and_evaluate(config, self.create_tempdir().full_path)
 
   def test_resume_is_bit_identical(self):
     straight = self.create_tempdir().full_path

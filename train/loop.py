@@ -88,6 +88,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   main = sharding.is_main_process()
   c = config.train
   weight_bits = config.quant.weight_bits
+  # LSQ's fixed-bit weight quantizers clip their codes to 2^B levels.
+  fixed_weight_bits = weight_bits if qmodel.settings.method == "lsq" else None
   repl = sharding.replicated(mesh)
   labels_only = config.distill.loss == steps.LABELS
   train_step = jax.jit(
@@ -131,7 +133,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
         global_batch_size=config.data.eval_batch_size, mesh=mesh)
     summary = bitwidths.summarize_bitwidths(
         jax.device_get(state.params),
-        activation_widths=result.activation_widths)
+        activation_widths=result.activation_widths,
+        fixed_weight_bits=fixed_weight_bits)
     return result, summary
 
   early_stopped = False
@@ -216,7 +219,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   widths = {k: max(v, test.activation_widths.get(k, 0.0))
             for k, v in val.activation_widths.items()}
   summary = bitwidths.summarize_bitwidths(jax.device_get(state.params),
-                                          activation_widths=widths)
+                                          activation_widths=widths,
+                                          fixed_weight_bits=fixed_weight_bits)
   if main:
     reporting.plot_bitwidth_dynamics(
         history, os.path.join(workdir, "bitwidth_dynamics.png"),

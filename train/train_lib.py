@@ -53,6 +53,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.data.{key} must be positive")
   if config.train.num_steps < 0:
     raise ValueError("config.train.num_steps must be >= 0")
+  t = config.teacher
+  if not t.checkpoint and not 0 <= t.warmup_steps < t.num_steps:
+    raise ValueError(
+        f"config.teacher.warmup_steps={t.warmup_steps} must be below "
+        f"config.teacher.num_steps={t.num_steps} (the FP recipe decays its "
+        "learning rate over the steps after the warmup); lower "
+        "--config.teacher.warmup_steps or raise --config.teacher.num_steps")
+  if config.mode == "quantize":
+    layers.QuantSettings(**{  # method / bits errors before any work
+        "weight_bits": config.quant.weight_bits,
+        "activation_bits": config.quant.activation_bits,
+        "method": config.quant.method})
 
 
 def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
@@ -78,8 +90,11 @@ def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
       weight_bits=q.weight_bits, activation_bits=q.activation_bits,
       estimator=q.estimator, activation_estimator=q.activation_estimator,
       per_channel=q.per_channel, dither=q.dither,
-      learnable_clamp_low=q.learnable_clamp_low,
-      calibration_bits=q.calibration_bits if q.gradual else q.weight_bits)
+      learnable_clamp_low=q.learnable_clamp_low, method=q.method,
+      # One-shot and LSQ start at the target widths (LSQ: each its own).
+      calibration_bits=(q.calibration_bits
+                        if q.gradual and q.method == "gdnsq"
+                        else q.weight_bits))
 
 
 def quant_rules(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -100,7 +115,9 @@ def make_optimizer(config, activation_bits):
       weight_bits=config.quant.weight_bits,
       activation_bits=activation_bits,
       warmup_steps=o.warmup_steps, gamma=o.gamma,
-      t_increment=None if o.t_increment < 0 else o.t_increment,
+      # LSQ's widths are fixed: its penalty weight stays 0 (no penalty).
+      t_increment=(0.0 if config.quant.method == "lsq"
+                   else None if o.t_increment < 0 else o.t_increment),
       b1=o.b1, b2=o.b2, eps=o.eps)
 
 
@@ -123,7 +140,7 @@ def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
   variables = interception.add_quantizer_params(fp_variables, abstract)
   calibrated = calibration.calibrate(
       qmodel, variables, list(_calibration_batches(config, dataset, mesh)),
-      bits=qmodel.settings.calibration_bits, apply_kwargs={"train": False})
+      apply_kwargs={"train": False})
   trainable = jax.tree.map(lambda t: jnp.asarray(t, bool),
                            calibrated.trainable)
   variables = calibrated.variables
