@@ -12,8 +12,10 @@
 # and the call: run(command="bash bench/gpu_check.sh", carry=[".whl"],
 #                   timeout_s=540)
 # Writes under $OUT: speed.txt (FP vs GDNSQ W2A2 step, ResNet-20, batch
-# 1000), w2a2/results.json + bitwidths.txt (short CIFAR-shaped W2A2 run on
-# random data: throughput and the bit-width descent, not accuracy), env.txt.
+# 1000, and the W2A32 / W32A2 diagnostics), profile.txt +
+# w2a2-xla.hlo.txt.gz (where the step's GPU time goes), w2a2/results.json +
+# bitwidths.txt (short CIFAR-shaped W2A2 run on random data: throughput and
+# the bit-width descent, not accuracy), env.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -30,13 +32,17 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cat "$OUT/env.txt"
 
 # 1. Train-step throughput, FP vs FP distillation vs GDNSQ W2A2 (XLA's conv
-#    on GPU): ResNet-20 at batch 1000, then the digits ResNet at batch 1000.
+#    on GPU), ResNet-20 at batch 1000, with the W2A32 / W32A2 diagnostics
+#    (only the weight / only the activation quantizers).
 timeout 200 python3 -m bench.speed --models resnet20 --batch 1000 \
-  --configs fp-xla,fp-distill-xla,w2a2-xla --repeats 20 2>&1 \
-  | tee "$OUT/speed.txt"
-timeout 100 python3 -m bench.speed --models digits_resnet --batch 1000 \
-  --configs fp-xla,fp-distill-xla,w2a2-xla --repeats 20 2>&1 \
-  | tee -a "$OUT/speed.txt"
+  --configs fp-xla,fp-distill-xla,w2a2-xla,w2a32-xla,w32a2-xla \
+  --repeats 20 2>&1 | tee "$OUT/speed.txt"
+
+# 1b. Where the GPU time of the W2A2 step goes (profiler trace, summarised).
+timeout 150 python3 -m bench.profile_step --model resnet20 --batch 1000 \
+  --configs fp-distill-xla,w2a2-xla --steps 5 --out /tmp/profile 2>&1 \
+  | tee "$OUT/profile.txt"
+gzip -c /tmp/profile/w2a2-xla.hlo.txt > "$OUT/w2a2-xla.hlo.txt.gz" 2>/dev/null
 
 # 2. A short CIFAR-shaped W2A2 run on random data (timing + width descent).
 python3 - <<'PY'
@@ -51,7 +57,8 @@ PY
 timeout 200 python3 -m train.main --config configs/w2a2.py:cifar10 \
   --workdir /tmp/w2a2_gpu --config.data.name=npz \
   --config.data.path=/tmp/cifar_shaped.npz --config.data.validation_size=2000 \
-  --config.teacher.num_steps=100 --config.train.num_steps=400 \
+  --config.teacher.num_steps=100 --config.teacher.warmup_steps=20 \
+  --config.train.num_steps=400 \
   --config.optim.warmup_steps=50 --config.optim.learning_rate=0.02 \
   --config.train.eval_every_steps=100 --config.train.checkpoint_every_steps=300 \
   2>&1 | tail -n 40 | tee "$OUT/w2a2.log"

@@ -1,0 +1,158 @@
+"""Where the time of one train step goes: a profiler trace, summarised.
+
+Builds the steps of :mod:`bench.speed` (same models, data and configs),
+traces ``--steps`` calls of each with ``jax.profiler`` and prints, per
+configuration, the device time by kernel (or by XLA op on a CPU) grouped by
+the part of the model it belongs to (read from the optimized HLO's op_name
+metadata: quantizer, teacher, optimizer, convolution, ...), then the top
+kernels. Writes the perfetto traces and the optimized HLO text under
+``--out``. Not a unit test.
+
+  python -m bench.profile_step --model resnet20 --batch 1000 \\
+      --configs fp-distill-xla,w2a2-xla --out /tmp/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import speed
+from configs import w2a2
+from train import models
+
+def _instruction_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction / fusion name -> the op_name of its metadata."""
+  names = {}
+  for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"",
+                       hlo_text):
+    names.setdefault(m.group(1), m.group(2))
+  # Fusion computations: the called computation's root carries the metadata.
+  for m in re.finditer(r"%?([\w.\-]+) = [^\n]*calls=%?([\w.\-]+)", hlo_text):
+    if m.group(1) not in names:
+      body = re.search(re.escape(m.group(2)) + r" [^{]*\{(.*?)\n\}",
+                       hlo_text, re.S)
+      if body:
+        op = re.search(r"op_name=\"([^\"]*)\"", body.group(1))
+        if op:
+          names[m.group(1)] = op.group(1)
+  return names
+
+
+def _part(op_name: str) -> str:
+  """The part of a train step an XLA op belongs to, from its op_name."""
+  if "threefry" in op_name or "random_bits" in op_name:
+    return "dither random bits"
+  model = re.search(r"(transpose\(jvp\(|jvp\()?([A-Z]\w*)\)*/(.*)",
+                    op_name)
+  if not model:
+    return "optimizer, penalty, loss, metrics"
+  direction, rest = model.group(1), model.group(3)
+  if not direction:
+    return "teacher forward"
+  pass_ = "backward" if direction.startswith("transpose") else "forward"
+  if "input_quantizer" in rest:
+    part = "activation quantizer"
+  elif "conv_general_dilated" in rest or "dot_general" in rest:
+    part = "conv / dense"
+  elif re.search(r"(^|/)(\w*bn\w*|batch_norm)(/|$)", rest):
+    part = "batchnorm"
+  elif re.search(r"conv\d*/", rest) and "shortcut" not in rest:
+    part = "weight quantizer"
+  else:
+    part = "other layers"
+  return f"student {part} ({pass_})"
+
+
+def summarize_trace(path: str, hlo_text: str, steps: int, top: int = 25):
+  """Lines of a table: device time per part of the step and top kernels."""
+  with gzip.open(path, "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events)
+  pids = {e["pid"]: e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = [p for p, n in pids.items() if "/device:" in n and "GPU" in n
+            or "TPU" in n]
+  names = _instruction_names(hlo_text)
+  by_kernel = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    if device and e["pid"] not in device:
+      continue
+    if not device and not (e["name"] in names):
+      continue  # CPU: keep XLA ops of the step only
+    k = by_kernel[e["name"]]
+    k[0] += e["dur"] / steps
+    k[1] += 1
+  total = sum(v[0] for v in by_kernel.values())
+  by_part = collections.Counter()
+  for name, (dur, _) in by_kernel.items():
+    base = re.sub(r"(_\d+)?$", "", name)
+    by_part[_part(names.get(name, names.get(base, name)))] += dur
+  lines = [f"{'part':<44} {'us/step':>9} {'share':>6}"]
+  for part, dur in by_part.most_common():
+    lines.append(f"{part:<44} {dur:>9.0f} {dur / max(total, 1e-9):>6.1%}")
+  lines.append(f"{'total (kernels: ' + str(len(by_kernel)) + ')':<44} "
+               f"{total:>9.0f}")
+  lines.append("")
+  lines.append(f"{'kernel':<40} {'us/step':>8} {'calls':>6}  op_name")
+  ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+  for name, (dur, calls) in ranked:
+    op = names.get(name, "")
+    lines.append(f"{name[:40]:<40} {dur:>8.0f} {calls // steps:>6}  "
+                 f"{op[-90:]}")
+  return lines
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="resnet20",
+                      choices=tuple(speed.IMAGE_SHAPES))
+  parser.add_argument("--configs", default="fp-distill-xla,w2a2-xla",
+                      type=lambda s: speed._names(s, tuple(speed.CONFIGS)))  # pylint: disable=protected-access
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--out", default="runs/profile")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  rng = np.random.default_rng(0)
+  shape = (args.batch,) + speed.IMAGE_SHAPES[args.model]
+  batch = {"image": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
+  plain = models.get_model(args.model, 10)
+  variables = plain.init(jax.random.key(0), batch["image"][:1], train=False)
+  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; "
+        f"{args.model}, batch {args.batch}, {args.steps} traced steps",
+        flush=True)
+  for name in args.configs:
+    step, step_args = speed.build_step(name, args.model, variables, batch)
+    hlo = step.lower(*step_args).compile().as_text()
+    with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
+      f.write(hlo)
+    for _ in range(3):
+      jax.block_until_ready(step(*step_args))
+    trace_dir = os.path.join(args.out, f"trace_{name}")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        jax.block_until_ready(step(*step_args))
+    path = sorted(glob.glob(os.path.join(trace_dir, "**",
+                                         "perfetto_trace.json.gz"),
+                            recursive=True))[-1]
+    print(f"\n== {name} ({path})", flush=True)
+    print("\n".join(summarize_trace(path, hlo, args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
