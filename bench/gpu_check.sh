@@ -10,7 +10,7 @@
 #     -d .whl ml_collections==1.1.0 tensorboardX==2.6.5 tqdm flatbuffers
 #
 # and the call: run(command="bash bench/gpu_check.sh", carry=[".whl"],
-#                   timeout_s=540)
+#                   timeout_s=480)
 # Writes under $OUT: speed.txt (FP vs GDNSQ W2A2 step, ResNet-20, batch
 # 1000, and the W2A32 / W32A2 diagnostics), profile.txt +
 # w2a2-xla.hlo.txt.gz (where the step's GPU time goes), w2a2/results.json +
@@ -54,7 +54,7 @@ np.savez("/tmp/cifar_shaped.npz",
          test_images=rng.integers(0, 256, (2000, 32, 32, 3), np.uint8),
          test_labels=rng.integers(0, 10, 2000).astype(np.uint8))
 PY
-timeout 200 python3 -m train.main --config configs/w2a2.py:cifar10 \
+timeout 150 python3 -m train.main --config configs/w2a2.py:cifar10 \
   --workdir /tmp/w2a2_gpu --config.data.name=npz \
   --config.data.path=/tmp/cifar_shaped.npz --config.data.validation_size=2000 \
   --config.teacher.num_steps=100 --config.teacher.warmup_steps=20 \
