@@ -23,8 +23,10 @@ core with single-threaded XLA when ``--jobs`` > 1: on a 2-core CPU two such
 runs give about 1.2x the throughput of one two-threaded run). A run whose
 ``<out>/<variant>_seed<seed>/bench.json`` exists is reused, so an
 interrupted benchmark resumes; delete ``<out>`` to start over. Wall times
-are per run, measured while ``--jobs`` runs share the machine. Not a unit
-test: a run takes minutes on a CPU.
+are per run, measured while ``--jobs`` runs share the machine. A run that
+diverges (the training loop stops on a non-finite loss or gradient) is
+recorded as such and counts at chance accuracy (10 %) in its variant's mean.
+Not a unit test: a run takes minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ def _run_in_process(name: str, seed: int, out: str, steps: int) -> dict:
       _set(config, k, v)
     workdir = os.path.join(out, f"{name}_seed{seed}")
   start = time.time()
-  results = train_lib.train_and_evaluate(config, workdir)
-  results = {k: v for k, v in results.items() if not k.startswith("_")}
+  try:
+    results = train_lib.train_and_evaluate(config, workdir)
+    results = {k: v for k, v in results.items() if not k.startswith("_")}
+  except FloatingPointError as e:  # the loop stops a diverged run
+    results = {"diverged": str(e), "quantized_test_accuracy": None}
   results.update(variant=name, seed=seed, bench_wall_time_s=time.time() - start)
   tmp = os.path.join(workdir, RESULT_FILE + ".tmp")
   with open(tmp, "w") as f:
@@ -179,9 +184,15 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
     if not runs:
       continue
     key = "fp_test_accuracy" if name == FP else "quantized_test_accuracy"
-    acc = 100 * np.array([r[key] for r in runs], np.float64)
+    diverged = [r for r in runs if r.get("diverged")]
+    finished = [r for r in runs if not r.get("diverged")]
+    # A diverged run counts at chance level (10 classes) in the mean.
+    acc = 100 * np.array([r[key] for r in finished] + [0.1] * len(diverged),
+                         np.float64)
+    runs = finished or runs
     table[name] = {
-        "seeds": [r.get("seed", 0) for r in runs],
+        "seeds": [r.get("seed", 0) for r in finished + diverged],
+        "diverged": len(diverged),
         "test_accuracy_mean": float(acc.mean()),
         # Sample standard deviation over seeds (0 for a single seed).
         "test_accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
@@ -191,7 +202,7 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
                                     for r in runs),
         "true_activation_bits_max": max(r.get("true_activation_bits_max")
                                         or 32 for r in runs),
-        "converged": sum(bool(r.get("converged", True)) for r in runs),
+        "converged": sum(bool(r.get("converged", True)) for r in finished),
         "steps_mean": float(np.mean([r.get("steps", 0) for r in runs])),
         "wall_time_s_mean": float(np.mean([r["bench_wall_time_s"]
                                            for r in runs])),
@@ -205,8 +216,14 @@ def format_table(table: dict[str, dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
   for name, t in table.items():
     n = len(t["seeds"])
+    if t["diverged"] == n:
+      lines.append(f"| {name} | {n} | diverged ({n}/{n}; counted as 10.00) "
+                   f"| {t['delta_vs_fp']:+.2f} | - | - | 0/{n} | - | "
+                   f"{t['wall_time_s_mean']:.0f} |")
+      continue
+    note = f" ({t['diverged']} diverged)" if t["diverged"] else ""
     lines.append(
-        f"| {name} | {n} | {t['test_accuracy_mean']:.2f} ± "
+        f"| {name} | {n}{note} | {t['test_accuracy_mean']:.2f} ± "
         f"{t['test_accuracy_sd']:.2f} | {t['delta_vs_fp']:+.2f} | "
         f"{t['true_weight_bits_max']:.3f} | "
         f"{t['true_activation_bits_max']:.3f} | {t['converged']}/{n} | "
