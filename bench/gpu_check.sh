@@ -16,7 +16,11 @@
 # w2a2-xla.hlo.txt.gz (where the step's GPU time goes), w2a2/results.json +
 # bitwidths.txt (short CIFAR-shaped W2A2 run on random data: throughput and
 # the bit-width descent, not accuracy), env.txt.
+#
+# Arguments choose parts (default: all): speed profile train, e.g.
+#   bash bench/gpu_check.sh speed profile
 set -uo pipefail
+PARTS=" ${*:-speed profile train} "
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -34,17 +38,23 @@ cat "$OUT/env.txt"
 # 1. Train-step throughput, FP vs FP distillation vs GDNSQ W2A2 (XLA's conv
 #    on GPU), ResNet-20 at batch 1000, with the W2A32 / W32A2 diagnostics
 #    (only the weight / only the activation quantizers).
+#    w2a2-unflat-xla: the optimizer per param (optim.flatten=False).
+if [[ $PARTS == *" speed "* ]]; then
 timeout 200 python3 -m bench.speed --models resnet20 --batch 1000 \
-  --configs fp-xla,fp-distill-xla,w2a2-xla,w2a32-xla,w32a2-xla \
+  --configs fp-xla,fp-distill-xla,w2a2-xla,w2a2-unflat-xla,w2a32-xla,w32a2-xla \
   --repeats 20 2>&1 | tee "$OUT/speed.txt"
+fi
 
 # 1b. Where the GPU time of the W2A2 step goes (profiler trace, summarised).
+if [[ $PARTS == *" profile "* ]]; then
 timeout 150 python3 -m bench.profile_step --model resnet20 --batch 1000 \
   --configs fp-distill-xla,w2a2-xla --steps 5 --out /tmp/profile 2>&1 \
   | tee "$OUT/profile.txt"
 gzip -c /tmp/profile/w2a2-xla.hlo.txt > "$OUT/w2a2-xla.hlo.txt.gz" 2>/dev/null
+fi
 
 # 2. A short CIFAR-shaped W2A2 run on random data (timing + width descent).
+if [[ $PARTS == *" train "* ]]; then
 python3 - <<'PY'
 import numpy as np
 rng = np.random.default_rng(0)
@@ -65,4 +75,5 @@ timeout 150 python3 -m train.main --config configs/w2a2.py:cifar10 \
 mkdir -p "$OUT/w2a2"
 cp /tmp/w2a2_gpu/results.json /tmp/w2a2_gpu/bitwidths.txt \
   /tmp/w2a2_gpu/bitwidth_dynamics.png "$OUT/w2a2/" 2>/dev/null
+fi
 echo "done: $OUT"

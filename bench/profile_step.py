@@ -89,12 +89,15 @@ def summarize_trace(path: str, hlo_text: str, steps: int, top: int = 25):
       continue
     if device and e["pid"] not in device:
       continue
-    if not device and not (e["name"] in names):
+    # The HLO instruction a kernel ran for (cuDNN kernels included).
+    name = e.get("args", {}).get("hlo_op") or e["name"]
+    if not device and name not in names:
       continue  # CPU: keep XLA ops of the step only
-    k = by_kernel[e["name"]]
+    k = by_kernel[name]
     k[0] += e["dur"] / steps
     k[1] += 1
   total = sum(v[0] for v in by_kernel.values())
+  launches = sum(v[1] for v in by_kernel.values()) / steps
   by_part = collections.Counter()
   for name, (dur, _) in by_kernel.items():
     base = re.sub(r"(_\d+)?$", "", name)
@@ -102,7 +105,7 @@ def summarize_trace(path: str, hlo_text: str, steps: int, top: int = 25):
   lines = [f"{'part':<44} {'us/step':>9} {'share':>6}"]
   for part, dur in by_part.most_common():
     lines.append(f"{part:<44} {dur:>9.0f} {dur / max(total, 1e-9):>6.1%}")
-  lines.append(f"{'total (kernels: ' + str(len(by_kernel)) + ')':<44} "
+  lines.append(f"{'total (' + format(launches, '.0f') + ' kernels per step)':<44} "
                f"{total:>9.0f}")
   lines.append("")
   lines.append(f"{'kernel':<40} {'us/step':>8} {'calls':>6}  op_name")

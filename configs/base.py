@@ -95,6 +95,7 @@ def get_config(
   c.optim.b1 = 0.9  # RAdam beta1.
   c.optim.b2 = 0.999  # RAdam beta2.
   c.optim.eps = 1e-8  # RAdam epsilon.
+  c.optim.flatten = True  # RAdam + LR rule on one raveled vector (same values).
 
   c.distill = ml_collections.ConfigDict()
   c.distill.loss = "jeffreys"  # Distillation loss name, or 'labels' (no teacher).

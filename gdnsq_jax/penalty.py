@@ -159,6 +159,13 @@ class ExteriorPointPenaltyState(NamedTuple):
   weighted_penalty: jax.Array  # t * Lbar * (a_w P_w + a_a P_a)
   active_weight_constraints: jax.Array  # n_w, int32
   active_activation_constraints: jax.Array  # n_a, int32
+  max_weight_width: jax.Array  # max differentiable weight width (0: none)
+  max_activation_width: jax.Array  # max differentiable activation width
+
+
+def _max_or_zero(widths: jax.Array) -> jax.Array:
+  widths = jnp.ravel(jnp.asarray(widths, jnp.float32))
+  return jnp.max(widths) if widths.size else jnp.float32(0)
 
 
 def exterior_point_penalty(
@@ -212,13 +219,16 @@ def exterior_point_penalty(
     terms = bitwidth_penalty(
         weight_widths, activation_widths, weight_bits=weight_bits,
         activation_bits=activation_bits, epsilon=epsilon, power=power)
-    return terms.value, terms
+    maxima = jax.lax.stop_gradient(
+        (_max_or_zero(weight_widths), _max_or_zero(activation_widths)))
+    return terms.value, (terms, maxima)
 
   def init_fn(params):
     del params
     zero, no_steps = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
     return ExteriorPointPenaltyState(
-        no_steps, zero, zero, zero, zero, zero, no_steps, no_steps)
+        no_steps, zero, zero, zero, zero, zero, no_steps, no_steps, zero,
+        zero)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del extra_args
@@ -237,7 +247,7 @@ def exterior_point_penalty(
         jnp.float32)
     lbar = state.loss_sum / (completed + 1).astype(jnp.float32)
     scale = t * lbar
-    (penalty, terms), grads = jax.value_and_grad(
+    (penalty, (terms, maxima)), grads = jax.value_and_grad(
         penalty_value, has_aux=True)(params)
     updates = jax.tree.map(
         lambda u, g: None if u is None else u + (scale * g).astype(u.dtype),
@@ -250,7 +260,9 @@ def exterior_point_penalty(
         penalty=penalty,
         weighted_penalty=scale * penalty,
         active_weight_constraints=terms.active_weight_constraints,
-        active_activation_constraints=terms.active_activation_constraints)
+        active_activation_constraints=terms.active_activation_constraints,
+        max_weight_width=maxima[0],
+        max_activation_width=maxima[1])
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -269,6 +281,7 @@ def gdnsq_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     threshold: float = 5.0,
+    flatten: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GDNSQ's optimizer: penalty, RAdam, annealed learning rate (spec 8.2).
 
@@ -292,6 +305,11 @@ def gdnsq_optimizer(
     b2: RAdam second-moment decay.
     eps: RAdam denominator epsilon (not the bit margin).
     threshold: RAdam rectification threshold.
+    flatten: run RAdam and the learning-rate rule on all params raveled into
+      one vector (``optax.flatten``): the same values, computed by a few
+      large kernels instead of a few per param; quantizers add four scalar
+      params per layer, and on a GPU their per-param kernels cost more
+      launch time than work.
 
   Returns:
     The chained :class:`optax.GradientTransformationExtraArgs`.
@@ -303,13 +321,16 @@ def gdnsq_optimizer(
       learning_rate, warmup_steps=warmup_steps, gamma=gamma)
   if t_increment is None:
     t_increment = 2.0 * learning_rate
+  elementwise = optax.chain(
+      optax.scale_by_radam(b1=b1, b2=b2, eps=eps, threshold=threshold),
+      learning_rate_rule,
+  )
   return optax.chain(
       exterior_point_penalty(
           bitwidth_fn, weight_bits=weight_bits,
           activation_bits=activation_bits, warmup_steps=warmup_steps,
           t_increment=t_increment),
-      optax.scale_by_radam(b1=b1, b2=b2, eps=eps, threshold=threshold),
-      learning_rate_rule,
+      optax.flatten(elementwise) if flatten else elementwise,
   )
 
 
@@ -326,7 +347,7 @@ def schedule_metrics(opt_state: Any) -> dict[str, jax.Array]:
 
   Returns:
     ``penalty/{value, weighted, t, mean_task_loss, active_weight_constraints,
-    active_activation_constraints}`` and ``optimizer/{learning_rate,
+    active_activation_constraints, max_weight_width, max_activation_width}`` and ``optimizer/{learning_rate,
     lr_factor}`` for the states present.
 
   Raises:
@@ -346,6 +367,8 @@ def schedule_metrics(opt_state: Any) -> dict[str, jax.Array]:
             penalty.active_weight_constraints,
         "penalty/active_activation_constraints":
             penalty.active_activation_constraints,
+        "penalty/max_weight_width": penalty.max_weight_width,
+        "penalty/max_activation_width": penalty.max_activation_width,
     })
   learning_rate = optax.tree_utils.tree_get(
       opt_state, AnnealedLearningRateState.__name__)

@@ -42,7 +42,7 @@ def _penalty_state(completed_steps: int, loss_sum: float):
   zero, zero_count = jnp.float32(0), jnp.int32(0)
   return penalty_lib.ExteriorPointPenaltyState(
       jnp.int32(completed_steps), jnp.float32(loss_sum), zero, zero, zero, zero,
-      zero_count, zero_count)
+      zero_count, zero_count, zero, zero)
 
 
 class BitwidthPenaltyTest(parameterized.TestCase):
@@ -260,6 +260,32 @@ class GdnsqOptimizerTest(absltest.TestCase):
     self.assertGreater(float(layer["input_quantizer"]["log2_step"]), -2.0)
     # Channel 0 (1 bit) is feasible: its log2_step never moves.
     self.assertEqual(float(layer["log2_step"][0]), -1.0)
+
+  def test_flattened_optimizer_gives_the_same_updates(self):
+    params = _params()
+    grads = jax.tree.map(
+        lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32) + 1.0
+                          ).reshape(p.shape), params)
+    results = []
+    for flatten in (True, False):
+      tx = penalty_lib.gdnsq_optimizer(
+          bitwidths.differentiable_bitwidths, learning_rate=0.05,
+          weight_bits=2, activation_bits=2, warmup_steps=1, gamma=0.5,
+          flatten=flatten)
+      p, state, seen = params, tx.init(params), None
+      for _ in range(4):
+        seen = bitwidths.differentiable_bitwidths(p)  # before this update
+        updates, state = tx.update(grads, state, p, value=jnp.float32(0.7),
+                                   converged=jnp.bool_(True))
+        p = optax.apply_updates(p, updates)
+      results.append((p, penalty_lib.schedule_metrics(state)))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-6, atol=0)
+    # The penalty reports the largest differentiable widths it saw.
+    metrics = results[0][1]
+    chex.assert_trees_all_close(
+        (metrics["penalty/max_weight_width"],
+         metrics["penalty/max_activation_width"]),
+        (jnp.max(seen[0]), jnp.max(seen[1])), rtol=1e-6)
 
   def test_schedule_metrics_needs_a_schedule_state(self):
     with self.assertRaisesRegex(ValueError, "gdnsq_optimizer"):

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gdnsq_jax import bitwidths
 from gdnsq_jax import losses
 from gdnsq_jax import penalty
 from gdnsq_jax.layers import NOISE_RNG
@@ -125,16 +124,9 @@ def make_train_step(
         "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "train/grad_norm": optax.global_norm(grads),
     }
+    # Includes the largest differentiable widths, as the penalty saw them.
     metrics.update(penalty.schedule_metrics(opt_state)
                    if quantized else {})
-    if quantized:
-      w, a = bitwidths.differentiable_bitwidths(params)
-      if w.size:
-        metrics["bits/weight_diff_max"] = jnp.max(w)
-        metrics["bits/weight_diff_mean"] = jnp.mean(w)
-      if a.size:
-        metrics["bits/activation_diff_max"] = jnp.max(a)
-        metrics["bits/activation_diff_mean"] = jnp.mean(a)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats,
         opt_state=opt_state)

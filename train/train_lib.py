@@ -118,7 +118,7 @@ def make_optimizer(config, activation_bits):
       # LSQ's widths are fixed: its penalty weight stays 0 (no penalty).
       t_increment=(0.0 if config.quant.method == "lsq"
                    else None if o.t_increment < 0 else o.t_increment),
-      b1=o.b1, b2=o.b2, eps=o.eps)
+      b1=o.b1, b2=o.b2, eps=o.eps, flatten=o.flatten)
 
 
 def _calibration_batches(config, dataset, mesh):
