@@ -50,6 +50,8 @@ def _instruction_names(hlo_text: str) -> dict[str, str]:
 
 def _part(op_name: str) -> str:
   """The part of a train step an XLA op belongs to, from its op_name."""
+  if op_name.startswith("command_buffer"):  # CUDA graph of several kernels
+    return "command buffers (several parts; not attributed)"
   if "threefry" in op_name or "random_bits" in op_name:
     return "dither random bits"
   model = re.search(r"(transpose\(jvp\(|jvp\()?([A-Z]\w*)\)*/(.*)",

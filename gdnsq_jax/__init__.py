@@ -7,6 +7,7 @@ differentiable bit-width; an exterior-point penalty drives the widths below
 the target while the network distils from its FP teacher.
 """
 
+from gdnsq_jax.activation_quantizer import quantize_activation
 from gdnsq_jax.bitwidths import activation_bitwidth
 from gdnsq_jax.bitwidths import activation_code_range
 from gdnsq_jax.bitwidths import activation_level_bound
@@ -72,7 +73,6 @@ from gdnsq_jax.penalty import gdnsq_optimizer
 from gdnsq_jax.penalty import schedule_metrics
 from gdnsq_jax.quantizers import DITHERS
 from gdnsq_jax.quantizers import ESTIMATORS
-from gdnsq_jax.quantizers import quantize_activation
 from gdnsq_jax.quantizers import quantize_weight
 from gdnsq_jax.quantizers import rounding_noise
 

@@ -46,10 +46,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gdnsq_jax.activation_quantizer import quantize_activation
 from gdnsq_jax.bitwidths import activation_code_range
 from gdnsq_jax.lsq import lsq_quantize_activation
 from gdnsq_jax.lsq import lsq_quantize_weight
-from gdnsq_jax.quantizers import quantize_activation
 from gdnsq_jax.quantizers import quantize_weight
 from gdnsq_jax.quantizers import validate_dither
 from gdnsq_jax.quantizers import validate_estimator

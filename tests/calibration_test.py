@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gdnsq_jax import activation_quantizer
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
 from gdnsq_jax import interception
@@ -121,7 +122,7 @@ class ActivationCalibrationTest(absltest.TestCase):
     qk = quantizers.quantize_weight(conv_a["kernel"], conv_a["log2_step"])
     inputs_b = [
         jax.nn.relu(lax.conv_general_dilated(
-            quantizers.quantize_activation(b, -10.0, 10.0, 0.0), qk, (1, 1),
+            activation_quantizer.quantize_activation(b, -10.0, 10.0, 0.0), qk, (1, 1),
             "SAME", dimension_numbers=_DN) + conv_a["bias"])
         for b in batches
     ]

@@ -11,6 +11,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import activation_quantizer
 from gdnsq_jax import interception
 from gdnsq_jax import layers
 from gdnsq_jax import quantizers
@@ -113,7 +114,7 @@ class QuantLayerTest(chex.TestCase):
     x = 2.0 * _x((3, 7))
     params = dict(_COARSE_ACT)
     y = self.variant(lambda p, x: act.apply({"params": p}, x))(params, x)
-    expected = quantizers.quantize_activation(x, -2.0, 1.0, -0.25)
+    expected = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
     chex.assert_trees_all_close(y, expected, atol=1e-6)
     codes = (np.asarray(y) + 0.25) / 0.25
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-5)
@@ -148,7 +149,7 @@ class QuantLayerTest(chex.TestCase):
     params = _variables(conv.init, x)["params"]
     params["bias"] = _x((5,), 2)
     y = self.variant(lambda p, x: conv.apply({"params": p}, x))(params, x)
-    qx = quantizers.quantize_activation(x, -2.0, 1.0, -0.25)
+    qx = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
     qk = quantizers.quantize_weight(params["kernel"], jnp.full((5,), -3.0))
     expected = lax.conv_general_dilated(
         qx, qk, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN
@@ -165,7 +166,7 @@ class QuantLayerTest(chex.TestCase):
     x = _x((3, 6))
     params = _variables(dense.init, x)["params"]
     y = self.variant(lambda p, x: dense.apply({"params": p}, x))(params, x)
-    qx = quantizers.quantize_activation(x, -2.0, 1.0, -0.25)
+    qx = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
     qk = quantizers.quantize_weight(params["kernel"], jnp.full((4,), -3.0))
     chex.assert_trees_all_close(y, qx @ qk + params["bias"], atol=1e-5)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import activation_quantizer
 from gdnsq_jax import quantizers
 
 LN2 = math.log(2.0)  # d 2^l / dl = ln2 * 2^l
@@ -60,6 +61,6 @@ def weight_loss(kernel, log2_step, upstream, key=None, **kwargs):
 def activation_loss(x, log2_step, log2_range, clamp_low, upstream, key=None,
                     **kwargs):
   """``sum(G * quantize_activation(...))``: its gradient is G's backward."""
-  out = quantizers.quantize_activation(
+  out = activation_quantizer.quantize_activation(
       x, log2_step, log2_range, clamp_low, key, **kwargs)
   return jnp.sum(upstream * out)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import activation_quantizer
 from gdnsq_jax import quantizers
 
 LN2 = math.log(2.0)
@@ -63,7 +64,7 @@ class FusedForwardTest(chex.TestCase):
     x = x.astype(dtype)
     for estimator in ("ste", "lsq"):
       fused = self.variant(functools.partial(
-          quantizers.quantize_activation, estimator=estimator))(x, *PARAMS)
+          activation_quantizer.quantize_activation, estimator=estimator))(x, *PARAMS)
       self.assertEqual(fused.dtype, dtype)
       chex.assert_trees_all_equal(
           fused, jax.jit(_composed)(x, *[jnp.float32(p) for p in PARAMS]))
@@ -83,7 +84,7 @@ class FusedBackwardTest(chex.TestCase):
     args = (x, *[jnp.float32(p) for p in PARAMS], upstream, key)
     argnums = (0, 1, 2, 3)
     fused = self.variant(jax.grad(functools.partial(
-        _loss, quantizers.quantize_activation, **kwargs), argnums))(*args)
+        _loss, activation_quantizer.quantize_activation, **kwargs), argnums))(*args)
     composed = jax.jit(jax.grad(functools.partial(
         _loss, _composed, **kwargs), argnums))(*args)
     chex.assert_trees_all_equal(fused[0], composed[0])  # input gradient
@@ -98,7 +99,7 @@ class FusedBackwardTest(chex.TestCase):
     # over both clamped sides; chained to the log2 params by ln2 * 2**l).
     x, upstream = _inputs(shape=(64, 64, 64), seed=3)
     grads = jax.jit(jax.grad(functools.partial(
-        _loss, quantizers.quantize_activation, estimator="ste"),
+        _loss, activation_quantizer.quantize_activation, estimator="ste"),
         (1, 2, 3)))(x, *[jnp.float32(p) for p in PARAMS], upstream)
     xs, g = np.asarray(x, np.float32), np.asarray(upstream, np.float64)
     s, q, b = (np.float32(2.0**PARAMS[0]), np.float32(2.0**PARAMS[1]),
@@ -115,7 +116,7 @@ class FusedBackwardTest(chex.TestCase):
   def test_vmap_matches_a_loop(self):
     x, upstream = _inputs(shape=(3, 40))
     params = [jnp.float32(p) for p in PARAMS]
-    grad = jax.grad(functools.partial(_loss, quantizers.quantize_activation),
+    grad = jax.grad(functools.partial(_loss, activation_quantizer.quantize_activation),
                     (0, 1))
     keys = jax.random.split(jax.random.key(2), 3)
     mapped = jax.jit(jax.vmap(
@@ -131,7 +132,7 @@ class FusedBackwardTest(chex.TestCase):
     x, upstream = _inputs(shape=(8, 125))
     params = [jnp.float32(p) for p in PARAMS]
     grad = jax.grad(functools.partial(
-        _loss, quantizers.quantize_activation, estimator="lsq"),
+        _loss, activation_quantizer.quantize_activation, estimator="lsq"),
         (0, 1, 2, 3))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     rep, data = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("data")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import activation_quantizer
 from gdnsq_jax import quantizers
 from tests import quantizer_reference as ref
 
@@ -51,7 +52,7 @@ class ForwardTest(chex.TestCase):
   def test_activation_forward_and_codes(self):
     x = 3.0 * jax.random.normal(jax.random.key(1), (6, 5))
     params = (-2.0, 1.0, -0.7)  # s = 1/4, q = 2, interval [-0.7, 1.05]
-    out = np.asarray(self.variant(quantizers.quantize_activation)(x, *params))
+    out = np.asarray(self.variant(activation_quantizer.quantize_activation)(x, *params))
     expected, _ = ref.activation_reference(x, *params)
     chex.assert_trees_all_close(out, expected, atol=1e-6, rtol=1e-6)
     codes = (out + 0.7) / 0.25
@@ -61,7 +62,7 @@ class ForwardTest(chex.TestCase):
 
   def test_disabled_activation_quantizer_is_identity(self):
     x = jax.random.normal(jax.random.key(2), (4, 3))
-    out = quantizers.quantize_activation(x, -2.0, 1.0, 0.0, enabled=False)
+    out = activation_quantizer.quantize_activation(x, -2.0, 1.0, 0.0, enabled=False)
     np.testing.assert_array_equal(out, x)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -75,7 +76,7 @@ class ForwardTest(chex.TestCase):
         np.asarray(out, np.float32),
         np.asarray(jnp.asarray(expected).astype(jnp.bfloat16), np.float32))
     x = kernel.reshape(-1, 4)
-    act = self.variant(quantizers.quantize_activation)(x, -4.0, 2.0, -1.0)
+    act = self.variant(activation_quantizer.quantize_activation)(x, -4.0, 2.0, -1.0)
     self.assertEqual(act.dtype, jnp.bfloat16)
     expected, _ = ref.activation_reference(
         x.astype(jnp.float32), -4.0, 2.0, -1.0)
@@ -84,7 +85,7 @@ class ForwardTest(chex.TestCase):
         np.asarray(jnp.asarray(expected).astype(jnp.bfloat16), np.float32))
     # The rounding itself runs in float32.
     for fn, args in ((quantizers.quantize_weight, (kernel, log2_step)),
-                     (quantizers.quantize_activation, (x, -4.0, 2.0, -1.0))):
+                     (activation_quantizer.quantize_activation, (x, -4.0, 2.0, -1.0))):
       jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
       rounds = [e for e in jaxpr.eqns
                 if e.primitive.name.startswith("custom_vjp_call")]
@@ -289,7 +290,7 @@ class ValidationTest(parameterized.TestCase):
   def test_unknown_estimator_lists_valid_names(self):
     kernel = ref.random_kernel()
     for fn, args in ((quantizers.quantize_weight, (kernel, jnp.zeros(4))),
-                     (quantizers.quantize_activation, (kernel, 0., 2., 0.))):
+                     (activation_quantizer.quantize_activation, (kernel, 0., 2., 0.))):
       with self.assertRaisesRegex(
           ValueError, r"unknown estimator 'st'.*aewgs, ewgs, lsq, ste"):
         fn(*args, estimator="st")
@@ -305,7 +306,7 @@ class ValidationTest(parameterized.TestCase):
 
   def test_activation_parameters_must_be_scalars(self):
     with self.assertRaisesRegex(ValueError, "log2_range must be a scalar"):
-      quantizers.quantize_activation(
+      activation_quantizer.quantize_activation(
           ref.random_kernel(), 0.0, jnp.zeros(2), 0.0)
 
 
