@@ -17,6 +17,8 @@ Variants:
                                  1/sqrt(N Qp) (gdnsq_jax.lsq), no penalty
   labels_w2a2 labels_w1a1    (c) GDNSQ without distillation (label loss)
   aewgs_w1a1                 AEWGS weight estimator at W1A1 (ste = w1a1)
+  oneshot_w1a1_lr2.5e-3      (a), (b) at W1A1 with a 10x lower learning rate
+  lsq_w1a1_lr2.5e-3            (at the GDNSQ rate both diverge)
 
 Each run is a subprocess (``--jobs`` at a time, each pinned to its own CPU
 core with single-threaded XLA when ``--jobs`` > 1: on a 2-core CPU two such
@@ -54,13 +56,19 @@ VARIANTS = {
     "labels_w2a2": (2, 2, {"distill.loss": "labels"}),
     "labels_w1a1": (1, 1, {"distill.loss": "labels"}),
     "aewgs_w1a1": (1, 1, {"quant.estimator": "aewgs"}),
+    # The W1A1 baselines diverge at the GDNSQ learning rate: also at 1/10.
+    "oneshot_w1a1_lr2.5e-3": (1, 1, {"quant.gradual": False,
+                                     "optim.learning_rate": 2.5e-3}),
+    "lsq_w1a1_lr2.5e-3": (1, 1, {"quant.method": "lsq",
+                                 "optim.learning_rate": 2.5e-3}),
 }
 
 # Targets of issue 6: variant -> largest accepted drop below FP (pp).
 DROP_TARGETS = {"w4a4": 0.3, "w2a2": 1.0, "w1a1": 3.0}
 # GDNSQ must be at least as good as these baselines at the same bits.
 BASELINES = {"w2a2": ("oneshot_w2a2", "lsq_w2a2"),
-             "w1a1": ("oneshot_w1a1", "lsq_w1a1")}
+             "w1a1": ("oneshot_w1a1", "lsq_w1a1", "oneshot_w1a1_lr2.5e-3",
+                      "lsq_w1a1_lr2.5e-3")}
 
 FP = "fp"
 RESULT_FILE = "bench.json"

@@ -114,7 +114,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
       position=(int(host.epoch), int(host.batch)))
   history_path = os.path.join(workdir, "history.jsonl")
   history = _read_history(history_path, step) if main else []
-  bar = reporting.ProgressBar(c.num_steps, initial=step, desc="GDNSQ",
+  method = qmodel.settings.method.upper()  # GDNSQ, or the LSQ baseline
+  bar = reporting.ProgressBar(c.num_steps, initial=step, desc=method,
                               enabled=main)
 
   def current_loop_state():
@@ -224,7 +225,7 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   if main:
     reporting.plot_bitwidth_dynamics(
         history, os.path.join(workdir, "bitwidth_dynamics.png"),
-        title=f"GDNSQ W{weight_bits}A{activation_bits or 32} "
+        title=f"{method} W{weight_bits}A{activation_bits or 32} "
               f"({config.model.name}, {dataset.name})")
   return {
       "quantized_validation_accuracy": val.accuracy,
