@@ -238,6 +238,12 @@ def calibrate(
   reset to their 20-bit init and the model runs in eval mode on every batch,
   recording each quantizer's input min / max (spec section 6).
 
+  LSQ quantizers (``settings.method == 'lsq'``) are calibrated to their own
+  fixed widths; their activation step is LSQ's initialisation ``2 mean(x -
+  b) / sqrt(Qp)`` (Esser et al.; measured from the offset ``b = min``),
+  capped at the min / max step: at 1-2 bits a min / max grid rounds almost
+  every activation to one level.
+
   Args:
     model: a :class:`gdnsq_jax.QuantizedModel` or a Flax module using
       :class:`gdnsq_jax.QuantConv` / ``QuantDense`` / ``QuantAct``.
@@ -310,7 +316,13 @@ def calibrate(
     activation_ranges[path] = (float(m), float(big_m))
     low = m if settings.learnable_clamp_low or m == big_m else np.float32(0)
     if big_m > low:
-      log2_step = np.log2((big_m - low) / levels, dtype=np.float32)
+      step = (big_m - low) / levels
+      if settings.method == "lsq":  # LSQ's init 2 <|x|> / sqrt(Qp), from b
+        mean = np.float32(ranges[path]["input_sum"]
+                          / max(float(ranges[path]["input_count"]), 1.0))
+        lsq_step = 2.0 * max(mean - low, 0.0) / np.sqrt(levels)
+        step = min(step, lsq_step) if lsq_step > 0 else step
+      log2_step = np.log2(step, dtype=np.float32)
       log2_range = np.float32(log2_step + activation_bits)
     else:  # constant input (or all below a clamp frozen at 0): frozen
       log2_step = log2_range = np.float32(0.0)

@@ -92,6 +92,8 @@ STAT_REDUCERS: dict[str, tuple[Callable[..., jax.Array], float]] = {
     "input_max": (jnp.maximum, float("-inf")),
     "code_min": (jnp.minimum, float("inf")),
     "code_max": (jnp.maximum, float("-inf")),
+    "input_sum": (jnp.add, 0.0),  # with input_count: the input mean (LSQ init)
+    "input_count": (jnp.add, 0.0),
 }
 """Sown statistic -> (reduction across calls and batches, its identity)."""
 
@@ -215,6 +217,8 @@ class QuantAct(nn.Module):
           "input_max": jnp.max(xs),
           "code_min": code_min,
           "code_max": code_max,
+          "input_sum": jnp.sum(xs),
+          "input_count": jnp.float32(xs.size),
       }
       for name, value in values.items():
         reduce_fn, identity = STAT_REDUCERS[name]

@@ -142,8 +142,14 @@ class LsqMethodTest(absltest.TestCase):
     params = result.variables["params"]
     act = params["body"]["input_quantizer"]
     lo, hi = result.activation_ranges["body/input_quantizer"]
-    np.testing.assert_allclose(np.exp2(float(act["log2_step"])),
-                               (hi - lo) / 7, rtol=1e-5)
+    # LSQ's init 2 mean(x - b) / sqrt(Qp), capped at the min / max step.
+    body_input = np.asarray(jax.nn.relu(nn.Conv(4, (3, 3)).apply(
+        {"params": params["stem"]}, x)))
+    self.assertAlmostEqual(lo, float(body_input.min()), places=5)
+    expected = min(2 * (body_input.mean() - lo) / np.sqrt(7), (hi - lo) / 7)
+    self.assertLess(expected, (hi - lo) / 7)  # the LSQ init is the smaller
+    np.testing.assert_allclose(np.exp2(float(act["log2_step"])), expected,
+                               rtol=1e-4)
     kernel = np.asarray(params["body"]["kernel"])
     span = kernel.max(axis=(0, 1, 2)) - kernel.min(axis=(0, 1, 2))
     np.testing.assert_allclose(np.exp2(np.asarray(params["body"]["log2_step"])),
