@@ -86,6 +86,11 @@ def get_config(
   # gdnsq | lsq: the fixed-bit LSQ baseline (gdnsq_jax.lsq: calibrated to the
   # target, step gradient scaled by 1/sqrt(N Qp), no penalty; not exportable).
   c.quant.method = "gdnsq"
+  # Calibrate with BatchNorm batch statistics (train mode) instead of the
+  # running ones (spec section 6: eval mode). The LSQ baseline at 1-2 bits
+  # needs it: its weights start at the target width, so the FP running
+  # statistics no longer describe the conv outputs.
+  c.quant.calibrate_with_batch_stats = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2.5e-2  # Peak LR eta0 of RAdam.

@@ -173,11 +173,13 @@ def _reduce_over_batches(
 ) -> Any:
   """Runs the model on each batch (jitted) and folds its stats with combine."""
   variables = {k: v for k, v in variables.items() if k != QUANT_STATS}
+  apply_kwargs = dict(apply_kwargs)
+  # Collections the caller lets the model update (e.g. 'batch_stats' with
+  # train=True); their new values are dropped.
+  mutable = [QUANT_STATS] + list(apply_kwargs.pop("mutable", []))
 
   def observe(variables, batch):
-    _, state = apply_fn(
-        variables, batch, mutable=[QUANT_STATS], **apply_kwargs
-    )
+    _, state = apply_fn(variables, batch, mutable=mutable, **apply_kwargs)
     return _stats_by_quantizer(state.get(QUANT_STATS, {}))
 
   @jax.jit
@@ -253,7 +255,9 @@ def calibrate(
     bits: calibration bit-width (default ``settings.calibration_bits``).
     settings: defaults to ``model.settings`` or :class:`QuantSettings()`.
     apply_kwargs: extra keyword arguments of ``apply`` selecting eval mode
-      (e.g. ``{'train': False}``).
+      (e.g. ``{'train': False}``); ``{'train': True, 'mutable':
+      ['batch_stats']}`` observes with batch statistics instead (their
+      updates are dropped).
 
   Returns:
     A :class:`CalibrationResult`.

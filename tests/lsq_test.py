@@ -34,6 +34,17 @@ def _reference_codes(v, bits):
   return np.clip(np.round(v), 0, 2**bits - 1)
 
 
+class BnNet(nn.Module):
+  """A conv, BatchNorm and ReLU before one quantized 3x3 conv."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3), name="stem")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    x = nn.relu(nn.Conv(5, (3, 3), name="body")(nn.relu(x)))
+    return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
 class LsqQuantizerTest(parameterized.TestCase):
 
   def test_gradient_scale_is_one_over_sqrt_n_qp(self):
@@ -179,6 +190,27 @@ class LsqMethodTest(absltest.TestCase):
     self.assertEqual(capped.weight_max, 2.0)
     with self.assertRaisesRegex(export.ExportError, "method='lsq'"):
       export.export_model(qmodel, result.variables, x.shape[1:])
+
+  def test_calibration_can_observe_with_batch_statistics(self):
+    settings = layers.QuantSettings(weight_bits=2, activation_bits=2)
+    x = 5.0 + 3.0 * jax.random.normal(jax.random.key(7), (16, 6, 6, 1))
+    qmodel = interception.quantize_model(BnNet(), x, settings=settings,
+                                         train=False)
+    variables = qmodel.init(jax.random.key(8), x, train=False)
+    calibrate = lambda kwargs: calibration.calibrate(
+        qmodel, variables, [x], apply_kwargs=kwargs).activation_ranges
+    running = calibrate({"train": False})["body/input_quantizer"]
+    batch = calibrate({"train": True, "mutable": ["batch_stats"]})[
+        "body/input_quantizer"]
+    # Fresh running statistics (mean 0, var 1) leave the stem's scale; batch
+    # statistics normalise it, so the ReLU output's range differs.
+    self.assertNotAlmostEqual(running[1], batch[1], places=2)
+    stem = nn.Conv(4, (3, 3)).apply(
+        {"params": variables["params"]["stem"]}, x)
+    normalised = (stem - stem.mean((0, 1, 2))) / jnp.sqrt(
+        stem.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(batch[1], float(jnp.max(jax.nn.relu(
+        normalised))), rtol=1e-3)
 
   def test_calibrating_a_module_without_settings_field_is_refused(self):
     settings = layers.QuantSettings(weight_bits=2, activation_bits=2,

@@ -140,7 +140,9 @@ def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
   variables = interception.add_quantizer_params(fp_variables, abstract)
   calibrated = calibration.calibrate(
       qmodel, variables, list(_calibration_batches(config, dataset, mesh)),
-      apply_kwargs={"train": False})
+      apply_kwargs=({"train": True, "mutable": ["batch_stats"]}
+                    if config.quant.calibrate_with_batch_stats
+                    else {"train": False}))
   trainable = jax.tree.map(lambda t: jnp.asarray(t, bool),
                            calibrated.trainable)
   variables = calibrated.variables
