@@ -19,7 +19,8 @@ Variants:
   labels_w2a2 labels_w1a1    (c) GDNSQ without distillation (label loss)
   aewgs_w1a1                 AEWGS weight estimator at W1A1 (ste = w1a1)
   oneshot_w1a1_lr2.5e-3      (a), (b) at W1A1 with a 10x lower learning rate
-  lsq_w1a1_lr2.5e-3            (at the GDNSQ rate both diverge)
+  lsq_w1a1_lr2.5e-3
+  oneshot_w1a1_batchstats    (a) at W1A1 calibrated on training-mode batches
 
 Each run is a subprocess (``--jobs`` at a time, each pinned to its own CPU
 core with single-threaded XLA when ``--jobs`` > 1: on a 2-core CPU two such
@@ -64,6 +65,10 @@ VARIANTS = {
     "oneshot_w1a1_lr2.5e-3": (1, 1, {"quant.gradual": False,
                                      "optim.learning_rate": 2.5e-3}),
     "lsq_w1a1_lr2.5e-3": (1, 1, {**_LSQ, "optim.learning_rate": 2.5e-3}),
+    # (a) calibrated on training-mode batches like (b).
+    "oneshot_w1a1_batchstats": (1, 1, {"quant.gradual": False,
+                                       "quant.calibrate_with_batch_stats":
+                                       True}),
 }
 
 # Targets of issue 6: variant -> largest accepted drop below FP (pp).
@@ -71,7 +76,7 @@ DROP_TARGETS = {"w4a4": 0.3, "w2a2": 1.0, "w1a1": 3.0}
 # GDNSQ must be at least as good as these baselines at the same bits.
 BASELINES = {"w2a2": ("oneshot_w2a2", "lsq_w2a2"),
              "w1a1": ("oneshot_w1a1", "lsq_w1a1", "oneshot_w1a1_lr2.5e-3",
-                      "lsq_w1a1_lr2.5e-3")}
+                      "lsq_w1a1_lr2.5e-3", "oneshot_w1a1_batchstats")}
 
 FP = "fp"
 RESULT_FILE = "bench.json"
