@@ -23,12 +23,9 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from bench import speed
-from configs import w2a2
-from train import models
+
 
 def _instruction_names(hlo_text: str) -> dict[str, str]:
   """HLO instruction / fusion name -> the op_name of its metadata."""
@@ -132,12 +129,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default="runs/profile")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  rng = np.random.default_rng(0)
-  shape = (args.batch,) + speed.IMAGE_SHAPES[args.model]
-  batch = {"image": jnp.asarray(rng.standard_normal(shape), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
-  plain = models.get_model(args.model, 10)
-  variables = plain.init(jax.random.key(0), batch["image"][:1], train=False)
+  variables, batch = speed.random_inputs(args.model, args.batch)
   print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; "
         f"{args.model}, batch {args.batch}, {args.steps} traced steps",
         flush=True)

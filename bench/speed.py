@@ -219,15 +219,21 @@ def _timed(step, args) -> tuple[float, float]:
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def benchmark(model_name: str, configs, batch_size: int, repeats: int,
-              warmup: int) -> list[dict[str, Any]]:
-  """Interleaved timings of ``configs`` for one model; one dict per config."""
+def random_inputs(model_name: str, batch_size: int):
+  """(FP variables, random batch ``{'image', 'label'}``) for ``model_name``."""
   rng = np.random.default_rng(0)
   shape = (batch_size,) + IMAGE_SHAPES[model_name]
   batch = {"image": jnp.asarray(rng.standard_normal(shape), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
   plain = models.get_model(model_name, 10)
   variables = plain.init(jax.random.key(0), batch["image"][:1], train=False)
+  return variables, batch
+
+
+def benchmark(model_name: str, configs, batch_size: int, repeats: int,
+              warmup: int) -> list[dict[str, Any]]:
+  """Interleaved timings of ``configs`` for one model; one dict per config."""
+  variables, batch = random_inputs(model_name, batch_size)
   runs = {}
   for name in configs:
     runs[name] = build_step(name, model_name, variables, batch)
