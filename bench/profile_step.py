@@ -123,7 +123,8 @@ def main(argv=None) -> None:
   parser.add_argument("--model", default="resnet20",
                       choices=tuple(speed.IMAGE_SHAPES))
   parser.add_argument("--configs", default="fp-distill-xla,w2a2-xla",
-                      type=lambda s: speed._names(s, tuple(speed.CONFIGS)))  # pylint: disable=protected-access
+                      type=lambda s: speed.comma_separated_names(
+                          s, tuple(speed.CONFIGS)))
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--out", default="runs/profile")

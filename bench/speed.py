@@ -311,7 +311,8 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-def _names(text: str, allowed) -> tuple[str, ...]:
+def comma_separated_names(text: str, allowed) -> tuple[str, ...]:
+  """argparse type: ``'a,b'`` -> ``('a', 'b')``, each one of ``allowed``."""
   names = tuple(n for n in text.split(",") if n)
   unknown = [n for n in names if n not in allowed]
   if unknown or not names:
@@ -326,10 +327,11 @@ def main(argv=None) -> None:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default="digits_resnet,resnet20",
-                      type=lambda s: _names(s, tuple(IMAGE_SHAPES)),
+                      type=lambda s: comma_separated_names(
+                          s, tuple(IMAGE_SHAPES)),
                       help="comma-separated models (default: %(default)s)")
   parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                      type=lambda s: _names(s, tuple(CONFIGS)),
+                      type=lambda s: comma_separated_names(s, tuple(CONFIGS)),
                       help=f"comma-separated, from {', '.join(CONFIGS)} "
                       "(default: %(default)s)")
   parser.add_argument("--batch", type=int, default=128,
