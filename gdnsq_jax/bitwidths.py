@@ -23,16 +23,20 @@ Params-tree conventions (the layers of :mod:`gdnsq_jax.layers` follow them):
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
+from gdnsq_jax.quantizer_params import WEIGHT_KEYS
 from gdnsq_jax.quantizers import weight_channel_range
 
 __all__ = [
     "ACTIVATION_KEYS",
+    "FLOAT_BITS",
+    "WIDTH_TOLERANCE",
     "BitwidthSummary",
     "QuantizerIndex",
     "activation_bitwidth",
@@ -40,14 +44,37 @@ __all__ = [
     "activation_level_bound",
     "differentiable_bitwidths",
     "find_quantizers",
+    "is_converged",
+    "is_float",
+    "key_path_name",
     "summarize_bitwidths",
+    "true_activation_widths",
     "true_bitwidth_from_codes",
     "true_weight_bitwidth",
     "weight_bitwidth",
 ]
 
-WEIGHT_KEYS = ("kernel", "log2_step")
-ACTIVATION_KEYS = ("log2_step", "log2_range", "clamp_low")
+
+FLOAT_BITS = 32
+"""A width target at or above this means "not quantized" (Decision D12).
+
+The one spelling of "no quantization": ``QuantSettings(activation_bits=32)``
+creates no activation quantizers, the penalty and the convergence test leave
+such a target unconstrained, and the export records float layers with it.
+"""
+
+WIDTH_TOLERANCE = 1e-6
+"""Slack of ``true width <= target``: log2 of an integer level count."""
+
+
+def is_float(bits: float) -> bool:
+  """Whether a width target means "not quantized" (``>= FLOAT_BITS``)."""
+  return bits >= FLOAT_BITS
+
+
+def key_path_name(key_path: Sequence[Any]) -> str:
+  """The '/'-joined name of a pytree key path (``a/b/0/c``)."""
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def weight_bitwidth(kernel: jax.Array, log2_step: jax.Array) -> jax.Array:
@@ -273,3 +300,67 @@ def summarize_bitwidths(
       activation_max=max(a, default=0.0),
       activation_mean=float(np.mean(a)) if a else 0.0,
   )
+
+
+def is_converged(
+    summary: BitwidthSummary, weight_bits: float, activation_bits: float
+) -> bool:
+  """GDNSQ's convergence test: every true width on or below its target.
+
+  ``max true weight width <= weight_bits`` and ``max true activation width
+  <= activation_bits`` (up to :data:`WIDTH_TOLERANCE`); a target of
+  :data:`FLOAT_BITS` or more is unconstrained (Decision D11, D12).
+
+  Args:
+    summary: true widths (:func:`summarize_bitwidths`).
+    weight_bits: target weight width.
+    activation_bits: target activation width.
+
+  Returns:
+    Whether the model is converged.
+  """
+  ok = is_float(weight_bits) or (
+      summary.weight_max <= weight_bits + WIDTH_TOLERANCE)
+  if not is_float(activation_bits):
+    ok = ok and summary.activation_max <= activation_bits + WIDTH_TOLERANCE
+  return bool(ok)
+
+
+def true_activation_widths(
+    batch_stats: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+  """True activation widths over a whole pass (Decision D11).
+
+  The one definition used by training (convergence), calibration and export:
+  per quantizer, the *union* of the integer codes over every batch --
+  ``log2(max code_max - min code_min + 1)`` -- not the max of per-batch
+  widths (two batches with codes {0, 1} and {2, 3} use 4 levels: 2 bits).
+
+  Args:
+    batch_stats: per batch, the sown ``quant_stats`` collection (host or
+      device arrays; nested dicts, possibly tuples from repeated ``sow``),
+      or ``{quantizer path: {'code_min': .., 'code_max': ..}}``.
+
+  Returns:
+    ``{quantizer path: width}`` for every quantizer that produced codes, the
+    paths of :func:`find_quantizers`.
+  """
+  ranges: dict[str, list[float]] = {}
+  for stats in batch_stats:
+    for key_path, value in jax.tree_util.tree_leaves_with_path(stats):
+      keys = [k for k in key_path
+              if not isinstance(k, jax.tree_util.SequenceKey)]
+      name = key_path_name(keys[-1:])
+      if name not in ("code_min", "code_max"):
+        continue
+      lo_hi = ranges.setdefault(key_path_name(keys[:-1]), [np.inf, -np.inf])
+      v = np.asarray(jax.device_get(value), np.float64)
+      if name == "code_min":
+        lo_hi[0] = min(lo_hi[0], float(v.min()))
+      else:
+        lo_hi[1] = max(lo_hi[1], float(v.max()))
+  return {
+      path: float(true_bitwidth_from_codes(lo, hi))
+      for path, (lo, hi) in ranges.items()
+      if np.isfinite(lo) and np.isfinite(hi)
+  }

@@ -21,7 +21,7 @@ Statistics come from the ``quant_stats`` collection that
 :class:`gdnsq_jax.layers.QuantAct` sows when it is mutable; one jitted
 function runs the model and reduces each batch, with no Python side effects.
 :func:`measure_activation_widths` reuses it for the true activation widths
-(max over batches of ``log2(k_max - k_min + 1)``, Decision D11).
+(``log2(k_max - k_min + 1)`` of the codes of the whole pass, Decision D11).
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ import numpy as np
 
 from gdnsq_jax import layers as qlayers
 from gdnsq_jax.bitwidths import find_quantizers
-from gdnsq_jax.bitwidths import true_bitwidth_from_codes
+from gdnsq_jax.bitwidths import key_path_name
+from gdnsq_jax.bitwidths import true_activation_widths
 from gdnsq_jax.layers import QUANT_STATS
 from gdnsq_jax.layers import QuantSettings
+from gdnsq_jax.quantizer_params import ACTIVATION_INIT
+from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
 from gdnsq_jax.quantizers import weight_channel_range
 
 __all__ = [
@@ -49,13 +52,6 @@ __all__ = [
     "measure_activation_widths",
     "trainable_mask",
 ]
-
-_ACTIVATION_INIT = {
-    "log2_step": qlayers.ACTIVATION_LOG2_STEP_INIT,
-    "log2_range": qlayers.ACTIVATION_LOG2_RANGE_INIT,
-    "clamp_low": qlayers.ACTIVATION_CLAMP_LOW_INIT,
-}
-
 
 class CalibrationResult(NamedTuple):
   """What :func:`calibrate` returns.
@@ -109,7 +105,7 @@ def calibrate_weights(
     )
     fitted = jnp.log2((hi - lo) / (2.0**bits - 1.0))
     flat[_key(path, "log2_step")] = jnp.maximum(
-        qlayers.WEIGHT_LOG2_STEP_INIT, fitted
+        WEIGHT_LOG2_STEP_INIT, fitted
     ).astype(log2_step.dtype)
   return _unflat(flat)
 
@@ -140,7 +136,7 @@ def trainable_mask(
         float(flat[_key(path, "log2_step")]) == 0.0
         and float(flat[_key(path, "log2_range")]) == 0.0
     ):
-      frozen_leaves.update(_key(path, k) for k in _ACTIVATION_INIT)
+      frozen_leaves.update(_key(path, k) for k in ACTIVATION_INIT)
     else:
       if not settings.learnable_clamp_low:
         frozen_leaves.add(_key(path, "clamp_low"))
@@ -148,8 +144,7 @@ def trainable_mask(
         frozen_leaves.add(_key(path, "log2_range"))
 
   def is_trainable(key_path, _):
-    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
-    return name not in frozen_leaves
+    return key_path_name(key_path) not in frozen_leaves
 
   return jax.tree_util.tree_map_with_path(is_trainable, params)
 
@@ -297,7 +292,7 @@ def calibrate(
   flat = _flat(calibrate_weights(variables["params"], bits))
   index = find_quantizers(variables["params"])
   for path in index.activations:
-    for name, value in _ACTIVATION_INIT.items():
+    for name, value in ACTIVATION_INIT.items():
       flat[_key(path, name)] = jnp.full_like(flat[_key(path, name)], value)
   observed = dict(variables, params=_unflat(flat))
 
@@ -354,8 +349,10 @@ def measure_activation_widths(
 ) -> dict[str, float]:
   """True activation widths over an evaluation pass (Decision D11).
 
-  For each activation quantizer: the max over batches of
-  ``log2(k_max - k_min + 1)`` of the integer codes it produced on the batch.
+  For each activation quantizer: ``log2(k_max - k_min + 1)`` of the union of
+  the integer codes it produced over all batches
+  (:func:`gdnsq_jax.bitwidths.true_activation_widths`, the one definition
+  training and export share).
 
   Args:
     model: as for :func:`calibrate`.
@@ -371,18 +368,20 @@ def measure_activation_widths(
 
   def combine(running, stats):
     return {
-        path: jnp.maximum(
-            running[path],
-            true_bitwidth_from_codes(s["code_min"], s["code_max"]),
-        )
+        path: {"code_min": jnp.minimum(running[path]["code_min"],
+                                       s["code_min"]),
+               "code_max": jnp.maximum(running[path]["code_max"],
+                                       s["code_max"])}
         for path, s in stats.items()
     }
 
   def initial(shapes):
-    return {path: jnp.float32(0.0) for path in shapes}
+    return {path: {"code_min": jnp.float32(np.inf),
+                   "code_max": jnp.float32(-np.inf)} for path in shapes}
 
-  widths = _reduce_over_batches(
+  ranges = _reduce_over_batches(
       _model_apply(model), variables, batches, dict(apply_kwargs or {}),
       combine, initial,
   )
-  return {path: float(w) for path, w in widths.items()}
+  return true_activation_widths([jax.device_get(ranges)])
+

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import layers as qlayers
+from gdnsq_jax import quantizer_params
 from gdnsq_jax.layers import QuantSettings
 
 __all__ = [
@@ -329,22 +330,6 @@ def format_quantization_report(rows: Sequence[LayerInfo]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _init_value(path: tuple[str, ...], siblings: Mapping[str, Any]) -> float:
-  """The pre-calibration value of a quantizer param (layers module docs)."""
-  name = path[-1]
-  if name == "log2_step" and "kernel" in siblings:
-    return qlayers.WEIGHT_LOG2_STEP_INIT
-  return {
-      "log2_step": qlayers.ACTIVATION_LOG2_STEP_INIT,
-      "log2_range": qlayers.ACTIVATION_LOG2_RANGE_INIT,
-      "clamp_low": qlayers.ACTIVATION_CLAMP_LOW_INIT,
-  }[name]
-
-
-def _is_quantizer_leaf(path: tuple[str, ...]) -> bool:
-  return path[-1] == "log2_step" or qlayers.INPUT_QUANTIZER in path
-
-
 def add_quantizer_params(fp_variables: Mapping[str, Any],
                          quantized_variables: Mapping[str, Any]) -> dict:
   """Loads FP variables into a quantized model's variable tree.
@@ -376,7 +361,7 @@ def add_quantizer_params(fp_variables: Mapping[str, Any],
   unexpected = sorted("/".join(p) for p in fp_flat if p not in q_paths)
   missing, mismatched = [], []
   for p in q_paths:
-    if p not in fp_flat and not _is_quantizer_leaf(p):
+    if p not in fp_flat and not quantizer_params.is_quantizer_leaf(p):
       missing.append("/".join(p))
   for p, v in fp_flat.items():
     if p in q_paths:
@@ -395,7 +380,7 @@ def add_quantizer_params(fp_variables: Mapping[str, Any],
     if path in fp_flat:
       return jnp.asarray(fp_flat[path])
     if isinstance(value, jax.ShapeDtypeStruct):
-      return jnp.full(value.shape, _init_value(path, siblings), value.dtype)
+      return jnp.full(value.shape, quantizer_params.initial_value(path, siblings), value.dtype)
     return value
 
   def walk(tree, prefix):

@@ -1,4 +1,4 @@
-"""Flax Linen quantized layers of GDNSQ (arXiv 2508.14004, spec sections 2, 5).
+"""Flax Linen quantized layers of GDNSQ (arXiv 2508.14004, docs/method.md §2, §5).
 
 * :class:`QuantAct` -- a per-tensor activation quantizer (params
   ``log2_step``, ``log2_range``, ``clamp_low``; all scalars).
@@ -13,15 +13,8 @@ The params of a quantized conv are therefore::
      'log2_step': (out,) or (),
      'input_quantizer': {'log2_step': (), 'log2_range': (), 'clamp_low': ()}}
 
-Param names are API (:mod:`gdnsq_jax.bitwidths` finds quantizers by them):
-
-* ``kernel``, ``bias`` -- the latent full-precision weights (Flax names);
-* ``log2_step`` -- log2 of the step size s (weights: one per output channel);
-* ``log2_range`` -- log2 of the activation grid width q = levels x step;
-* ``clamp_low`` -- the activation lower clamp b, which is also its zero point.
-
-Before calibration (spec section 6) weight ``log2_step = -12``, activation
-``log2_step = -10``, ``log2_range = 10`` (20 bits) and ``clamp_low = 0``. A
+Param names and their pre-calibration values are API, defined once in
+:mod:`gdnsq_jax.quantizer_params`. A
 *frozen* (pruned) activation quantizer has ``log2_step = log2_range = 0`` and
 ``clamp_low = c``: it outputs the constant c and its differentiable width is 0.
 
@@ -48,6 +41,10 @@ import jax.numpy as jnp
 
 from gdnsq_jax.activation_quantizer import quantize_activation
 from gdnsq_jax.bitwidths import activation_code_range
+from gdnsq_jax.bitwidths import FLOAT_BITS
+from gdnsq_jax.quantizer_params import ACTIVATION_INIT
+from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
+from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
 from gdnsq_jax.lsq import lsq_quantize_activation
 from gdnsq_jax.lsq import lsq_quantize_weight
 from gdnsq_jax.quantizers import quantize_weight
@@ -55,8 +52,6 @@ from gdnsq_jax.quantizers import validate_dither
 from gdnsq_jax.quantizers import validate_estimator
 
 __all__ = [
-    "DISABLED_BITS",
-    "INPUT_QUANTIZER",
     "METHODS",
     "NOISE_RNG",
     "QUANT_STATS",
@@ -73,19 +68,8 @@ NOISE_RNG = "quant_noise"
 QUANT_STATS = "quant_stats"
 """Collection into which :class:`QuantAct` sows input and code min / max."""
 
-INPUT_QUANTIZER = "input_quantizer"
-"""Name of the activation quantizer child of a quantized conv / dense."""
-
-DISABLED_BITS = 32
-"""Bit-widths at or above this disable a quantizer: no params (D12)."""
-
 METHODS = ("gdnsq", "lsq")
 """Quantizer families: GDNSQ, and the LSQ baseline (:mod:`gdnsq_jax.lsq`)."""
-
-WEIGHT_LOG2_STEP_INIT = -12.0
-ACTIVATION_LOG2_STEP_INIT = -10.0
-ACTIVATION_LOG2_RANGE_INIT = 10.0
-ACTIVATION_CLAMP_LOW_INIT = 0.0
 
 STAT_REDUCERS: dict[str, tuple[Callable[..., jax.Array], float]] = {
     "input_min": (jnp.minimum, float("inf")),
@@ -149,12 +133,12 @@ class QuantSettings:
       if not getattr(self, name) >= 1:
         raise ValueError(
             f"{name}={getattr(self, name)!r} must be >= 1 (use "
-            f">= {DISABLED_BITS} to disable a quantizer)"
+            f">= {FLOAT_BITS} to disable a quantizer)"
         )
     if self.method == "lsq":
       for name in ("weight_bits", "activation_bits"):
         bits = getattr(self, name)
-        if bits < DISABLED_BITS and not float(bits).is_integer():
+        if bits < FLOAT_BITS and not float(bits).is_integer():
           raise ValueError(
               f"method='lsq' has fixed integer widths but {name}={bits!r}; "
               "use an integer (or >= 32 to disable the quantizer)")
@@ -162,12 +146,12 @@ class QuantSettings:
   @property
   def quantize_weights(self) -> bool:
     """Whether layers create a weight quantizer (``weight_bits < 32``)."""
-    return self.weight_bits < DISABLED_BITS
+    return self.weight_bits < FLOAT_BITS
 
   @property
   def quantize_activations(self) -> bool:
     """Whether layers create an activation quantizer (``bits < 32``)."""
-    return self.activation_bits < DISABLED_BITS
+    return self.activation_bits < FLOAT_BITS
 
 
 def _noise_key(module: nn.Module) -> Optional[jax.Array]:
@@ -200,9 +184,9 @@ class QuantAct(nn.Module):
     s = self.settings
     if not s.quantize_activations:
       return x
-    log2_step = _scalar_param(self, "log2_step", ACTIVATION_LOG2_STEP_INIT)
-    log2_range = _scalar_param(self, "log2_range", ACTIVATION_LOG2_RANGE_INIT)
-    clamp_low = _scalar_param(self, "clamp_low", ACTIVATION_CLAMP_LOW_INIT)
+    log2_step, log2_range, clamp_low = (
+        _scalar_param(self, name, ACTIVATION_INIT[name])
+        for name in ("log2_step", "log2_range", "clamp_low"))
     if not s.learnable_clamp_low:
       clamp_low = jax.lax.stop_gradient(clamp_low)
     if s.method == "lsq":  # fixed width: the grid width follows the step

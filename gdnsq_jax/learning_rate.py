@@ -17,34 +17,20 @@ RAdam. The hyper-parameter checks here are shared with
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from gdnsq_jax.argument_checks import check
+from gdnsq_jax.argument_checks import check_steps
+from gdnsq_jax.argument_checks import is_real
+
 __all__ = [
     "AnnealedLearningRateState",
     "scale_by_annealed_learning_rate",
 ]
-
-
-def _check(name: str, x: Any, ok: bool, allowed: str, fix: str) -> None:
-  if not ok:
-    raise ValueError(f"{name}={x!r} is invalid; it must be {allowed}. {fix}")
-
-
-def _is_real(x: Any) -> bool:
-  return (isinstance(x, numbers.Real) and not isinstance(x, bool)
-          and math.isfinite(x))
-
-
-def _check_steps(name: str, x: Any) -> None:
-  _check(name, x, isinstance(x, numbers.Integral)
-         and not isinstance(x, bool) and x >= 0, "an integer >= 0",
-         "Count optimizer steps of the global batch; 0 disables the warmup.")
 
 
 class AnnealedLearningRateState(NamedTuple):
@@ -87,11 +73,11 @@ def scale_by_annealed_learning_rate(
     ValueError: for invalid hyper-parameters, or at trace time for a
       non-scalar ``converged``.
   """
-  _check("learning_rate", learning_rate, _is_real(learning_rate)
+  check("learning_rate", learning_rate, is_real(learning_rate)
          and learning_rate > 0, "a number > 0",
          "The CIFAR reference configs use 2e-3.")
-  _check_steps("warmup_steps", warmup_steps)
-  _check("gamma", gamma, _is_real(gamma) and 0 < gamma <= 1, "in (0, 1]",
+  check_steps("warmup_steps", warmup_steps)
+  check("gamma", gamma, is_real(gamma) and 0 < gamma <= 1, "in (0, 1]",
          "The reference uses 0.9985 per step; 1 disables the annealing.")
 
   def init_fn(params):

@@ -26,39 +26,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gdnsq_jax.learning_rate import _check
-from gdnsq_jax.learning_rate import _check_steps
-from gdnsq_jax.learning_rate import _is_real
+from gdnsq_jax.argument_checks import check
+from gdnsq_jax.argument_checks import check_steps
+from gdnsq_jax.argument_checks import is_real
+from gdnsq_jax.bitwidths import FLOAT_BITS
+from gdnsq_jax.bitwidths import is_float
 from gdnsq_jax.learning_rate import AnnealedLearningRateState
 from gdnsq_jax.learning_rate import scale_by_annealed_learning_rate
 
 __all__ = [
     "BitwidthPenalty",
     "ExteriorPointPenaltyState",
-    "UNCONSTRAINED_ACTIVATION_BITS",
     "bitwidth_penalty",
     "exterior_point_penalty",
     "gdnsq_optimizer",
     "schedule_metrics",
 ]
 
-# Activation targets at or above this many bits disable the activation
-# constraints (W1A32; Decision D12).
-UNCONSTRAINED_ACTIVATION_BITS = 32
-
 BitwidthFn = Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
 def _validate_penalty_args(weight_bits, activation_bits, epsilon, power):
-  _check("weight_bits", weight_bits, _is_real(weight_bits) and weight_bits > 0,
+  check("weight_bits", weight_bits, is_real(weight_bits) and weight_bits > 0,
          "a number > 0", "Pass the target weight bit-width, e.g. 2.")
-  _check("activation_bits", activation_bits, activation_bits is None
-         or (_is_real(activation_bits) and activation_bits > 0),
-         "None or a number > 0",
-         "Pass None (or >= 32) to leave activations unconstrained.")
-  _check("epsilon", epsilon, _is_real(epsilon) and epsilon > 0, "a number > 0",
+  check("activation_bits", activation_bits,
+        is_real(activation_bits) and activation_bits > 0, "a number > 0",
+        f"Pass {FLOAT_BITS} (FLOAT_BITS) to leave activations unconstrained.")
+  check("epsilon", epsilon, is_real(epsilon) and epsilon > 0, "a number > 0",
          "The reference uses 1e-3.")
-  _check("power", power, _is_real(power) and power >= 1, "a number >= 1",
+  check("power", power, is_real(power) and power >= 1, "a number >= 1",
          "The reference uses 1 (hinge); below 1 the penalty has no gradient "
          "at the constraint boundary.")
 
@@ -94,7 +90,7 @@ def bitwidth_penalty(
     activation_widths: jax.typing.ArrayLike,
     *,
     weight_bits: float,
-    activation_bits: Optional[float],
+    activation_bits: float,
     epsilon: float = 1e-3,
     power: float = 1.0,
 ) -> BitwidthPenalty:
@@ -109,7 +105,7 @@ def bitwidth_penalty(
     weight_widths: differentiable weight widths ``beta_w``, any shape.
     activation_widths: differentiable activation widths ``beta_a``.
     weight_bits: target ``B_w``.
-    activation_bits: target ``B_a``; None or >= 32 leaves activations
+    activation_bits: target ``B_a``; ``>= FLOAT_BITS`` (32) leaves activations
       unconstrained (``P_a = n_a = 0``; Decision D12).
     epsilon: margin ``eps``; ``beta <= B - eps`` guarantees true width
       ``<= B`` (spec 2.3). Also smooths the multipliers.
@@ -124,8 +120,7 @@ def bitwidth_penalty(
   _validate_penalty_args(weight_bits, activation_bits, epsilon, power)
   weight_penalty, n_w = _mean_hinge(weight_widths, weight_bits, epsilon,
                                     power)
-  if (activation_bits is not None
-      and activation_bits < UNCONSTRAINED_ACTIVATION_BITS):
+  if not is_float(activation_bits):
     activation_penalty, n_a = _mean_hinge(activation_widths, activation_bits,
                                           epsilon, power)
   else:
@@ -172,7 +167,7 @@ def exterior_point_penalty(
     bitwidth_fn: BitwidthFn,
     *,
     weight_bits: float,
-    activation_bits: Optional[float],
+    activation_bits: float,
     warmup_steps: int,
     t_increment: float,
     epsilon: float = 1e-3,
@@ -209,8 +204,8 @@ def exterior_point_penalty(
       when ``params`` or ``value`` is missing or ``value`` is not a scalar.
   """
   _validate_penalty_args(weight_bits, activation_bits, epsilon, power)
-  _check_steps("warmup_steps", warmup_steps)
-  _check("t_increment", t_increment, _is_real(t_increment)
+  check_steps("warmup_steps", warmup_steps)
+  check("t_increment", t_increment, is_real(t_increment)
          and t_increment >= 0, "a number >= 0",
          "The reference uses 2 * learning_rate.")
 
@@ -273,7 +268,7 @@ def gdnsq_optimizer(
     *,
     learning_rate: float,
     weight_bits: float,
-    activation_bits: Optional[float],
+    activation_bits: float,
     warmup_steps: int,
     gamma: float,
     t_increment: Optional[float] = None,
@@ -295,7 +290,7 @@ def gdnsq_optimizer(
     bitwidth_fn: ``params -> (weight_widths, activation_widths)``.
     learning_rate: peak learning rate ``eta0``.
     weight_bits: target weight bit-width.
-    activation_bits: target activation bit-width; None or >= 32 leaves
+    activation_bits: target activation bit-width; ``>= FLOAT_BITS`` (32) leaves
       activations unconstrained.
     warmup_steps: warmup length in optimizer steps.
     gamma: learning-rate decay per converged post-warmup step.

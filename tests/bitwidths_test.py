@@ -284,5 +284,63 @@ class ParamsTreeTest(parameterized.TestCase):
                      (0.0, 0.0, 0.0, 0.0))
 
 
+def _stats(code_min, code_max):
+  """One batch's sown ``quant_stats`` for the quantizer ``conv/input_quantizer``."""
+  return {"conv": {"input_quantizer": {
+      "code_min": jnp.float32(code_min), "code_max": jnp.float32(code_max),
+      "input_min": jnp.float32(-1.0)}}}
+
+
+class TrueActivationWidthsTest(parameterized.TestCase):
+
+  def test_union_of_codes_over_the_pass_not_max_of_batches(self):
+    # Codes {0, 1} then {2, 3}: each batch alone uses 1 bit, the pass 2 bits.
+    widths = bitwidths.true_activation_widths([_stats(0, 1), _stats(2, 3)])
+    self.assertEqual(widths, {"conv/input_quantizer": 2.0})
+
+  def test_single_batch_and_repeated_sow_tuples(self):
+    stats = {"a": {"code_min": (jnp.float32(1.0),),
+                   "code_max": (jnp.float32(5.0),)}}
+    self.assertAlmostEqual(
+        bitwidths.true_activation_widths([stats])["a"], math.log2(5.0),
+        places=6)
+
+  def test_no_batches_gives_no_widths(self):
+    self.assertEqual(bitwidths.true_activation_widths([]), {})
+
+
+class ConvergenceTest(parameterized.TestCase):
+
+  def _summary(self, weight_max, activation_max):
+    return bitwidths.BitwidthSummary({}, {}, weight_max, weight_max,
+                                     activation_max, activation_max)
+
+  @parameterized.parameters(
+      (2.0, 2.0, 2, 2, True),
+      (2.0 + 5e-7, 2.0, 2, 2, True),  # within WIDTH_TOLERANCE
+      (2.0 + 1e-5, 2.0, 2, 2, False),
+      (2.0, 2.1, 2, 2, False),
+      (1.0, 20.0, 1, 32, True),  # A >= FLOAT_BITS is unconstrained (D12)
+      (9.0, 1.0, 32, 1, True),
+  )
+  def test_is_converged(self, w, a, weight_bits, activation_bits, expected):
+    self.assertEqual(
+        bitwidths.is_converged(self._summary(w, a), weight_bits,
+                               activation_bits), expected)
+
+  def test_float_bits_is_the_no_quantization_target(self):
+    self.assertTrue(bitwidths.is_float(bitwidths.FLOAT_BITS))
+    self.assertFalse(bitwidths.is_float(bitwidths.FLOAT_BITS - 1))
+
+
+class KeyPathNameTest(absltest.TestCase):
+
+  def test_dict_and_sequence_keys_join_with_slashes(self):
+    tree = {"block": [{"conv": 1}], "x": 2}
+    names = [bitwidths.key_path_name(p)
+             for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    self.assertEqual(names, ["block/0/conv", "x"])
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -77,7 +77,7 @@ class BitwidthPenaltyTest(parameterized.TestCase):
     self.assertEqual(float(value), 0.0)
     self.assertEqual([g.shape for g in grads], [(0,), (0,)])
 
-  @parameterized.parameters(None, 32, 64.0)
+  @parameterized.parameters(32, 64.0)
   def test_unconstrained_activations(self, activation_bits):
     terms = penalty_lib.bitwidth_penalty(
         jnp.array([3.0]), jnp.array([20.0]), weight_bits=2,
@@ -152,7 +152,13 @@ class ExteriorPointPenaltyTest(parameterized.TestCase):
     self.assertLess(float(layer["input_quantizer"]["log2_range"]), 1.0)
     self.assertGreater(float(layer["input_quantizer"]["log2_step"]), -2.0)
 
-  @parameterized.parameters(None, 32)
+  def test_none_is_not_a_width_target(self):
+    with self.assertRaisesRegex(ValueError, r"activation_bits=None .*Pass 32"):
+      penalty_lib.bitwidth_penalty(
+          jnp.array([3.0]), jnp.array([20.0]), weight_bits=2,
+          activation_bits=None)
+
+  @parameterized.parameters(32, 64.0)
   def test_unconstrained_activations_get_no_gradient(self, activation_bits):
     params = _params(log2_range_a=10.0)  # beta_a = 12, far over 2 bits
     tx = self._tx(activation_bits=activation_bits)
