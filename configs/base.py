@@ -9,7 +9,7 @@ selects data, model and recipe:
   finishes in minutes on a 2-core CPU.
 * ``cifar10`` / ``cifar100``: ResNet-20, batch 1000, RAdam lr 2e-3, warmup
   1000 steps, t increment 2*lr per step, gamma 0.9985, validation every 2
-  epochs, early-stopping patience 50 (method spec, sections 8-9).
+  epochs, early-stopping patience 50 (docs/method.md §8, §9).
 * ``imagenet``: ResNet-18, batch 250, lr 3e-4, warmup 100, gamma 0.9995,
   validation 4x per epoch, patience 10.
 
@@ -37,7 +37,7 @@ def get_config(
     preset: one of :data:`PRESETS` (None or '' selects ``digits``).
     weight_bits: target weight bit-width (32: the FP recipe).
     activation_bits: target activation bit-width (>= 32 disables activation
-      quantizers, Decision D12).
+      quantizers, docs/method.md D12).
 
   Raises:
     ValueError: unknown preset.
@@ -58,7 +58,7 @@ def get_config(
   c.data.name = "digits"  # digits | npz | mnist | cifar10 | cifar100 | imagenet2012
   c.data.path = ""  # .npz file for data.name == 'npz' (images/labels arrays).
   c.data.data_dir = ""  # TFDS data_dir ('' = TFDS default ~/tensorflow_datasets).
-  c.data.validation_size = 800  # Train images held out for model selection (D9).
+  c.data.validation_size = 800  # Held out for selection (docs/method.md D9).
   c.data.batch_size = 64  # Global batch over all devices and hosts.
   c.data.eval_batch_size = 500  # Global eval batch.
   c.data.calibration_batches = 4  # Train batches (no augmentation) to calibrate.
@@ -73,12 +73,12 @@ def get_config(
   c.quant.weight_bits = weight_bits  # Target weight bits (W).
   c.quant.activation_bits = activation_bits  # Target activation bits (A); >=32 off.
   c.quant.calibration_bits = 10  # Bits of the calibrated starting point.
-  c.quant.estimator = "ste"  # Weight backward: ste | lsq | ewgs | aewgs (D4).
+  c.quant.estimator = "ste"  # Weights: ste|lsq|ewgs|aewgs (docs/method.md D4).
   c.quant.activation_estimator = "ste"  # Activation backward (reference: ste).
-  c.quant.dither = "uniform12"  # uniform12 (+-1/(2 sqrt3)) | half | pure (D1, D2).
+  c.quant.dither = "uniform12"  # uniform12|half|pure (docs/method.md D1, D2).
   c.quant.per_channel = True  # Per-output-channel weight steps.
-  c.quant.learnable_clamp_low = True  # Train the activation lower clamp (D3).
-  c.quant.quantize_stem = False  # Quantize the first conv (reference: no, D6).
+  c.quant.learnable_clamp_low = True  # Learnable clamp b (docs/method.md D3).
+  c.quant.quantize_stem = False  # Quantize the first conv (docs/method.md D6).
   c.quant.quantize_classifier = False  # Quantize the last dense (reference: no).
   c.quant.quantize_1x1 = False  # Quantize 1x1 convs (reference: no).
   c.quant.exclude = ""  # Extra regex on module paths to keep FP ('' = none).
@@ -87,7 +87,7 @@ def get_config(
   # target, step gradient scaled by 1/sqrt(N Qp), no penalty; not exportable).
   c.quant.method = "gdnsq"
   # Calibrate with BatchNorm batch statistics (train mode) instead of the
-  # running ones (spec section 6: eval mode). The LSQ baseline at 1-2 bits
+  # running ones (docs/method.md §6: eval mode). The LSQ baseline at 1-2 bits
   # needs it: its weights start at the target width, so the FP running
   # statistics no longer describe the conv outputs.
   c.quant.calibrate_with_batch_stats = False
@@ -104,10 +104,10 @@ def get_config(
 
   c.distill = ml_collections.ConfigDict()
   c.distill.loss = "jeffreys"  # Distillation loss name, or 'labels' (no teacher).
-  c.distill.temperature = 1.0  # Distillation temperature (D14).
+  c.distill.temperature = 1.0  # Distillation temperature (docs/method.md D14).
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000  # Optimizer steps of the global batch (D10).
+  c.train.num_steps = 1000  # Global-batch optimizer steps (docs/method.md D10).
   c.train.eval_every_steps = 50  # Validation (and convergence check) period.
   c.train.log_every_steps = 20  # Console / TensorBoard period.
   c.train.checkpoint_every_steps = 250  # Latest-checkpoint period.

@@ -1,4 +1,4 @@
-"""GDNSQ W1A32: 1-bit weights, float activations (activation quantizers off, D12).
+"""GDNSQ W1A32: 1-bit weights, float activations (docs/method.md D12).
 
 Launch (embedded digits, CPU, minutes):
   python -m train.main --config configs/w1a32.py --workdir runs/w1a32

@@ -1,4 +1,4 @@
-"""GDNSQ's per-tensor activation quantizer (method spec 2.2, 4.3).
+"""GDNSQ's per-tensor activation quantizer (docs/method.md §2.2, §4.3).
 
 ``x_hat = s * round((clip(x, b, b + q - s) - b) / s) + b`` with ``s =
 2**log2_step``, ``q = 2**log2_range`` and the learnable lower clamp ``b``,
@@ -157,7 +157,7 @@ def quantize_activation(
     axis_name: Optional[str] = None,
     enabled: bool = True,
 ) -> jax.Array:
-  """Per-tensor clamp-and-round activation quantizer (method spec, 2.2).
+  """Per-tensor clamp-and-round activation quantizer (docs/method.md §2.2).
 
   With ``s = 2**log2_step``, ``q = 2**log2_range`` and ``b = clamp_low``:
   ``c = clip(x, b, b + q - s)`` and ``x_hat = s * round((c - b) / s) + b``,
@@ -173,10 +173,10 @@ def quantize_activation(
     log2_range: scalar log2 of the grid width ``q`` (levels x step).
     clamp_low: scalar lower clamp and zero point ``b``.
     key: PRNG key for the step-size dither (None: no dither).
-    estimator: backward rule (activations use ``ste`` by default, D4).
+    estimator: backward rule (``ste`` for activations, docs/method.md D4).
     dither: one of :data:`DITHERS`.
     axis_name: named data-parallel axis for AEWGS statistics.
-    enabled: False returns ``x`` unchanged (activation bits >= 32, D12).
+    enabled: False returns ``x`` unchanged (A >= 32; docs/method.md D12).
 
   Returns:
     Fake-quantized activations in ``x.dtype``.

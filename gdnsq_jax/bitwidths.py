@@ -1,6 +1,6 @@
 """Differentiable and true bit-widths of GDNSQ quantizers (arXiv 2508.14004).
 
-Definitions (method spec, section 2.3):
+Definitions (docs/method.md §2.3):
 
 * differentiable weight width per output channel
   ``beta_w,c = log2(R_c + s_c) - log2 s_c = log2(R_c / s_c + 1)``;
@@ -8,7 +8,7 @@ Definitions (method spec, section 2.3):
 * true width = ``log2(number of integer levels actually used)``: for weights
   ``log2(round(R_c / s_c) + 1)`` per channel (layer value = max over
   channels); for activations ``log2(k_max - k_min + 1)`` of the codes seen
-  during an evaluation pass (Decision D11: max over the whole pass).
+  during an evaluation pass (docs/method.md D11: max over the whole pass).
 
 Sound: ``beta <= B - 1e-3`` implies true width ``<= B`` for B in 1..9.
 
@@ -56,7 +56,7 @@ __all__ = [
 
 
 FLOAT_BITS = 32
-"""A width target at or above this means "not quantized" (Decision D12).
+"""A width target at or above this means "not quantized" (docs/method.md D12).
 
 The one spelling of "no quantization": ``QuantSettings(activation_bits=32)``
 creates no activation quantizers, the penalty and the convergence test leave
@@ -309,7 +309,7 @@ def is_converged(
 
   ``max true weight width <= weight_bits`` and ``max true activation width
   <= activation_bits`` (up to :data:`WIDTH_TOLERANCE`); a target of
-  :data:`FLOAT_BITS` or more is unconstrained (Decision D11, D12).
+  :data:`FLOAT_BITS` or more is unconstrained (docs/method.md D11, D12).
 
   Args:
     summary: true widths (:func:`summarize_bitwidths`).
@@ -329,7 +329,7 @@ def is_converged(
 def true_activation_widths(
     batch_stats: Iterable[Mapping[str, Any]]
 ) -> dict[str, float]:
-  """True activation widths over a whole pass (Decision D11).
+  """True activation widths over a whole pass (docs/method.md D11).
 
   The one definition used by training (convergence), calibration and export:
   per quantizer, the *union* of the integer codes over every batch --

@@ -1,6 +1,6 @@
 """Min / max calibration of GDNSQ quantizers to N bits (arXiv 2508.14004).
 
-Method spec section 6 (calibration runs before training; N = 10 by default):
+docs/method.md §6 (calibration runs before training; N = 10 by default):
 
 * weights, per output channel c with range ``R_c = max W_c - min W_c``:
   ``l_c <- max(-12, log2(R_c / (2^N - 1)))``, so the differentiable width
@@ -21,7 +21,7 @@ Statistics come from the ``quant_stats`` collection that
 :class:`gdnsq_jax.layers.QuantAct` sows when it is mutable; one jitted
 function runs the model and reduces each batch, with no Python side effects.
 :func:`measure_activation_widths` reuses it for the true activation widths
-(``log2(k_max - k_min + 1)`` of the codes of the whole pass, Decision D11).
+(``log2(k_max - k_min + 1)`` over a whole pass, docs/method.md D11).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def calibrate_weights(
 ) -> dict:
   """Sets every weight step to give ``bits`` bits (floor ``2^-12``).
 
-  ``l_c = max(-12, log2(R_c / (2^bits - 1)))`` (spec section 6). A constant
+  ``l_c = max(-12, log2(R_c / (2^bits - 1)))`` (docs/method.md §6). A constant
   channel (``R_c = 0``) gets the floor, never NaN. Pure; works under jit.
 
   Args:
@@ -233,7 +233,7 @@ def calibrate(
 
   Weights first (:func:`calibrate_weights`); then activation quantizers are
   reset to their 20-bit init and the model runs in eval mode on every batch,
-  recording each quantizer's input min / max (spec section 6).
+  recording each quantizer's input min / max (docs/method.md §6).
 
   LSQ quantizers (``settings.method == 'lsq'``) are calibrated to their own
   fixed widths; their activation step is LSQ's initialisation ``2 mean(x -
@@ -347,7 +347,7 @@ def measure_activation_widths(
     *,
     apply_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, float]:
-  """True activation widths over an evaluation pass (Decision D11).
+  """True activation widths over an evaluation pass (docs/method.md D11).
 
   For each activation quantizer: ``log2(k_max - k_min + 1)`` of the union of
   the integer codes it produced over all batches

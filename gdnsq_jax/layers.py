@@ -1,4 +1,4 @@
-"""Flax Linen quantized layers of GDNSQ (arXiv 2508.14004, docs/method.md §2, §5).
+"""Flax Linen quantized layers (arXiv 2508.14004, docs/method.md §2, §5).
 
 * :class:`QuantAct` -- a per-tensor activation quantizer (params
   ``log2_step``, ``log2_range``, ``clamp_low``; all scalars).
@@ -92,17 +92,17 @@ class QuantSettings:
     weight_bits: target weight bit-width; ``>= 32`` disables weight
       quantizers (no ``log2_step`` param).
     activation_bits: target activation bit-width; ``>= 32`` disables
-      activation quantizers entirely, no params (W1A32, Decision D12).
+      activation quantizers entirely, no params (W1A32, docs/method.md D12).
     estimator: backward rule of weight quantizers, one of
-      :data:`gdnsq_jax.quantizers.ESTIMATORS` (Decision D4).
-    activation_estimator: backward rule of activation quantizers (D4: ste).
+      :data:`gdnsq_jax.quantizers.ESTIMATORS` (docs/method.md D4).
+    activation_estimator: the activations' rule, ``ste`` (docs/method.md D4).
     per_channel: one weight step per output channel (True) or per tensor.
     dither: step-size dither, one of :data:`gdnsq_jax.quantizers.DITHERS`.
-    learnable_clamp_low: train the activation lower clamp b (Decision D3);
+    learnable_clamp_low: train the lower clamp b (docs/method.md D3);
       False freezes it at 0 (the reference's tagged release).
     enabled: False makes every quantizer the identity while keeping its params
       (evaluate the latent FP network with the same variables).
-    calibration_bits: bit-width the calibration sets (spec section 6: 10).
+    calibration_bits: bit-width the calibration sets (docs/method.md §6: 10).
     axis_name: data-parallel axis over which AEWGS statistics are averaged.
     method: ``'gdnsq'`` (differentiable widths, noise-scale backward) or
       ``'lsq'``: the fixed-bit LSQ baseline of :mod:`gdnsq_jax.lsq` (integer
@@ -166,7 +166,8 @@ def _scalar_param(module: nn.Module, name: str, value: float) -> jax.Array:
 class QuantAct(nn.Module):
   """Per-tensor activation quantizer ``s round((clip(x, b, b+q-s) - b)/s) + b``.
 
-  ``s = 2**log2_step``, ``q = 2**log2_range``, ``b = clamp_low`` (spec 2.2).
+  ``s = 2**log2_step``, ``q = 2**log2_range``, ``b = clamp_low``
+  (docs/method.md §2.2).
   With ``settings.activation_bits >= 32`` it is the identity and has no
   params. When :data:`QUANT_STATS` is mutable (and not during ``init``) it
   sows ``input_min`` / ``input_max`` of its input and ``code_min`` /

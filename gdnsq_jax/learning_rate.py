@@ -1,11 +1,12 @@
 """GDNSQ's learning-rate rule (TemperatureScale), as an optax transformation.
 
 Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
-Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004 (method
-spec 8.1). The learning rate warms up linearly, then anneals by ``gamma`` on
-every step the host reports as converged; its state (step, LR factor, last
-learning rate) lives in the optimizer state and is checkpointed (Decision
-D16). ``converged`` arrives as an extra argument of ``update``::
+Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004
+(docs/method.md §8.1). The learning rate warms up linearly, then anneals by
+``gamma`` on every step the host reports as converged; its state (step, LR
+factor, last learning rate) lives in the optimizer state and is checkpointed
+(docs/method.md D16). ``converged`` arrives as an extra argument of
+``update``::
 
   updates, opt_state = tx.update(grads, opt_state, params,
                                  converged=converged)
@@ -49,8 +50,8 @@ def scale_by_annealed_learning_rate(
 ) -> optax.GradientTransformationExtraArgs:
   """Scales updates by ``-lr``: linear warmup, then anneal while converged.
 
-  GDNSQ's TemperatureScale rule (arXiv 2508.14004; method spec 8.1). At step
-  ``k + 1`` (``k`` steps completed) with ``eta0 = learning_rate``:
+  GDNSQ's TemperatureScale rule (arXiv 2508.14004; docs/method.md §8.1). At
+  step ``k + 1`` (``k`` steps completed) with ``eta0 = learning_rate``:
 
   * ``k <= W``: ``lr = eta0 * k / W`` (the first step runs at 0; ``W = 0``
     gives ``eta0``);

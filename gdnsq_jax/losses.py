@@ -3,7 +3,7 @@
 Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
 Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004. GDNSQ
 distils the quantized student from its own full-precision checkpoint with
-the Jeffreys divergence (method spec, section 7.2; Decision D14):
+the Jeffreys divergence (docs/method.md §7.2, D14):
 
     J(p_T, p_S) = KL(p_T || p_S) + KL(p_S || p_T)
                 = sum_c (p_T,c - p_S,c) * (log p_T,c - log p_S,c),
@@ -26,7 +26,7 @@ the batch. Every loss here follows the same conventions:
   loss equals the divergence between the softened distributions, so bounds
   such as ``js <= ln 2`` hold at any T. For Hinton-style gradient magnitudes
   multiply the loss by ``T**2`` yourself. The default T = 1 matches the
-  reference (Decision D14).
+  reference (docs/method.md D14).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ DistillationLoss = Callable[..., jax.Array]
 """``loss(student_logits, teacher_logits, *, temperature=1.0) -> scalar``."""
 
 DEFAULT_DISTILLATION_LOSS = "jeffreys"
-"""The reference's "Symmetrical KL" (method spec, section 7.2)."""
+"""The reference's "Symmetrical KL" (docs/method.md §7.2)."""
 
 
 def _validate_temperature(temperature: Temperature) -> None:
@@ -181,7 +181,7 @@ def jeffreys_divergence(
 
   Equals ``sum_c (p_T,c - p_S,c)(log p_T,c - log p_S,c)``; symmetric in its
   arguments and zero iff the softmax distributions agree (arXiv 2508.14004;
-  the reference calls it "Symmetrical KL", method spec section 7.2).
+  the reference calls it "Symmetrical KL", docs/method.md §7.2).
 
   Args and Returns as :func:`kl_divergence`.
 
@@ -245,7 +245,7 @@ def jensen_shannon_divergence(
   (a logaddexp), so it never underflows where either distribution has mass
   and ``log p - log m <= ln 2`` term by term. This is the true JSD (symmetric,
   ``0 <= JSD <= ln 2``), not the reference's "JSD" against the average of
-  the two log-prob vectors (method spec, section 7.2).
+  the two log-prob vectors (docs/method.md §7.2).
 
   Args and Returns as :func:`kl_divergence`.
 
@@ -310,7 +310,7 @@ _DISTILLATION_LOSSES: dict[str, DistillationLoss] = {
 }
 
 LOSSES = tuple(sorted(_DISTILLATION_LOSSES))
-"""Names accepted by :func:`get_distillation_loss` (Decision D14), sorted."""
+"""Sorted names of :func:`get_distillation_loss` (docs/method.md D14)."""
 
 
 def get_distillation_loss(name: str) -> DistillationLoss:
@@ -347,7 +347,7 @@ def distillation_loss(
     student_logits: student logits, shape ``(..., num_classes)``.
     teacher_logits: teacher logits of the same shape; no gradient flows
       into them.
-    name: one of :data:`LOSSES`; ``"jeffreys"`` by default (Decision D14).
+    name: one of :data:`LOSSES`, default ``"jeffreys"`` (docs/method.md D14).
       A Python string: close over it (or mark it static) under ``jit``.
     temperature: T > 0 dividing both logits; the loss is not rescaled by
       ``T**2``.

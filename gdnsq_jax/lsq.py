@@ -3,7 +3,7 @@
 Learned Step Size Quantization (Esser et al., ICLR 2020, arXiv 1902.08153)
 learns the step size ``s`` of a grid with a *fixed* number of levels ``2^B``
 and scales the step's gradient by ``g = 1 / sqrt(N * Qp)``, ``N`` the number
-of values sharing the step, ``Qp = 2^B - 1`` the top code. Method spec D13:
+of values sharing the step, ``Qp = 2^B - 1`` the top code. docs/method.md D13:
 this baseline belongs to benchmarks, not to GDNSQ's estimator list, so it is
 a quantizer family of its own (``QuantSettings(method='lsq')``), with the
 params of the GDNSQ layers so that calibration, placement and reports work

@@ -1,11 +1,12 @@
 """GDNSQ's exterior-point bit-width penalty and full optimizer, as optax.
 
 Reference: S. Salishev, I. Akhremchik, "GDNSQ: Gradual Differentiable Noise
-Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004 (method
-spec 7.1, 7.3, 8.1, 8.2). The objective ``L_task + t * Lbar * (a_w P_w +
-a_a P_a)`` is optimized by adding the penalty's gradient to the task gradient
-inside the optimizer, so the schedule (step, ``t``, running loss ``Lbar``,
-LR factor) lives in the optimizer state and is checkpointed (Decision D16).
+Scale Quantization for Low-bit Neural Networks", arXiv 2508.14004
+(docs/method.md §7.1, §7.3, §8.1, §8.2). The objective
+``L_task + t * Lbar * (a_w P_w + a_a P_a)`` is optimized by adding the
+penalty's gradient to the task gradient inside the optimizer, so the schedule
+(step, ``t``, running loss ``Lbar``, LR factor) lives in the optimizer state
+and is checkpointed (docs/method.md D16).
 flax's ``TrainState.apply_gradients`` drops extra arguments; call::
 
   updates, opt_state = tx.update(grads, opt_state, params,
@@ -60,7 +61,7 @@ def _validate_penalty_args(weight_bits, activation_bits, epsilon, power):
 
 
 class BitwidthPenalty(NamedTuple):
-  """Terms of the exterior-point penalty (method spec 7.3)."""
+  """Terms of the exterior-point penalty (docs/method.md §7.3)."""
 
   value: jax.Array  # a_w * P_w + a_a * P_a
   weight_penalty: jax.Array  # P_w, mean hinge over weight channels
@@ -99,16 +100,16 @@ def bitwidth_penalty(
   ``P_w = mean_c max(0, beta_w,c - (B_w - eps))^p`` over every weight
   channel, ``P_a`` likewise over activation quantizers; ``a_w = (n_w + eps) /
   (n_w + n_a + eps)`` and ``a_a = (n_a + eps) / (n_w + n_a + eps)`` carry no
-  gradient (method spec 7.3).
+  gradient (docs/method.md §7.3).
 
   Args:
     weight_widths: differentiable weight widths ``beta_w``, any shape.
     activation_widths: differentiable activation widths ``beta_a``.
     weight_bits: target ``B_w``.
     activation_bits: target ``B_a``; ``>= FLOAT_BITS`` (32) leaves activations
-      unconstrained (``P_a = n_a = 0``; Decision D12).
+      unconstrained (``P_a = n_a = 0``; docs/method.md D12).
     epsilon: margin ``eps``; ``beta <= B - eps`` guarantees true width
-      ``<= B`` (spec 2.3). Also smooths the multipliers.
+      ``<= B`` (docs/method.md §2.3). Also smooths the multipliers.
     power: exponent ``p`` (1 in the reference).
 
   Returns:
@@ -179,7 +180,7 @@ def exterior_point_penalty(
   ``t * Lbar * grad_params(a_w P_w + a_a P_a)`` (see :func:`bitwidth_penalty`)
   to the updates, with ``t = t_increment * max(0, k - warmup_steps)`` and
   ``Lbar = (sum of the k previous task losses) / (k + 1)`` (arXiv 2508.14004;
-  spec 7.3, 8.1). Chain it before the base optimizer.
+  docs/method.md §7.3, §8.1). Chain it before the base optimizer.
   ``update(updates, state, params, *, value, **extra_args)`` needs ``params``
   and ``value``, the scalar task loss of this step.
 
@@ -188,7 +189,7 @@ def exterior_point_penalty(
       :func:`gdnsq_jax.differentiable_bitwidths`.
     weight_bits: target weight bit-width ``B_w``.
     activation_bits: target activation bit-width ``B_a``; None or >= 32
-      leaves activations unconstrained (W1A32, Decision D12).
+      leaves activations unconstrained (W1A32, docs/method.md D12).
     warmup_steps: steps ``W`` with ``t = 0``.
     t_increment: growth of ``t`` per step after the warmup (the reference
       uses ``2 * learning_rate``).
@@ -278,7 +279,7 @@ def gdnsq_optimizer(
     threshold: float = 5.0,
     flatten: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """GDNSQ's optimizer: penalty, RAdam, annealed learning rate (spec 8.2).
+  """GDNSQ's optimizer: penalty, RAdam, annealed LR (docs/method.md §8.2).
 
   ``optax.chain(exterior_point_penalty(...), optax.scale_by_radam(...),
   scale_by_annealed_learning_rate(...))`` with one warmup for ``t`` and the
@@ -295,7 +296,7 @@ def gdnsq_optimizer(
     warmup_steps: warmup length in optimizer steps.
     gamma: learning-rate decay per converged post-warmup step.
     t_increment: growth of the penalty weight per step after the warmup;
-      ``2 * learning_rate`` when None (spec 8.1, ``kappa = 2``).
+      ``2 * learning_rate`` when None (docs/method.md §8.1, ``kappa = 2``).
     b1: RAdam first-moment decay.
     b2: RAdam second-moment decay.
     eps: RAdam denominator epsilon (not the bit margin).

@@ -14,7 +14,7 @@ is customised by :func:`rounding_noise`:
 
 The quantizers are written as ``c + s * N(v, s)``, which equals
 ``(v + N) * s + z`` algebraically, so ordinary autodiff produces the
-product-rule terms of the reference composition (method spec, section 4.3):
+product-rule terms of the reference composition (docs/method.md §4.3):
 
 * weights (``ste``): ``dL/dW = G`` exactly (the zero-point path cancels) and
   ``dL/ds_c = sum_c G * (n + s_c * rho)``;
@@ -53,20 +53,21 @@ __all__ = [
 ]
 
 ESTIMATORS = ("aewgs", "ewgs", "lsq", "ste")
-"""Backward rules of the rounding noise (method spec, section 4.1)."""
+"""Backward rules of the rounding noise (docs/method.md §4.1)."""
 
 DITHERS = ("uniform12", "half", "pure")
 """Step-size dither options.
 
-* ``uniform12``: rho = +-1/(2 sqrt 3), variance 1/12 (default, Decision D2);
+* ``uniform12``: rho = +-1/(2 sqrt 3), variance 1/12 (the default;
+  docs/method.md D2);
 * ``half``: rho = +-1/2, variance 1/4 (the reference's tagged GDNSQ release);
 * ``pure``: the total step gradient is the pure dither ``sum G * rho``
   (rho = +-1/(2 sqrt 3)) without the product-rule ``sum G * n`` term
-  (Decision D1 ablation).
+  (the ablation of docs/method.md D1).
 """
 
 EWGS_DELTA = 0.01
-"""EWGS scaling factor delta (Decision D13)."""
+"""EWGS scaling factor delta (docs/method.md D13)."""
 
 AEWGS_VARIANCE_FLOOR = 1e-3
 AEWGS_MAX_PHI = 0.99  # the input-gradient multiplier 1 - phi stays >= 0.01
@@ -315,7 +316,7 @@ def quantize_weight(
     per_channel: bool = True,
     axis_name: Optional[str] = None,
 ) -> jax.Array:
-  """Asymmetric fake quantization of a kernel (method spec, section 2.1).
+  """Asymmetric fake quantization of a kernel (docs/method.md §2.1).
 
   ``W_hat = s_c * round((W - z_c) / s_c) + z_c`` with ``s_c = 2**log2_step``
   and zero point ``z_c = min(W[..., c])`` recomputed from the current kernel

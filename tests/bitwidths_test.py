@@ -1,6 +1,6 @@
-"""Tests for gdnsq_jax.bitwidths (arXiv 2508.14004; method spec 2.3, 14.3-5).
+"""Tests for gdnsq_jax.bitwidths (docs/method.md §2.3, §14 items 3-5).
 
-Expected values are hand-derived in numpy from the spec formulas.
+Expected values are hand-derived in numpy from docs/method.md.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class FormulaTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_calibrated_to_ten_bits(self):
     # Calibration sets l_c = log2(R_c / (2**10 - 1)): 10 bits, true and
-    # differentiable (method spec 6).
+    # differentiable (docs/method.md §6).
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
     w = np.asarray(kernel)
     r = w.max(axis=(0, 1, 2)) - w.min(axis=(0, 1, 2))
@@ -133,7 +133,7 @@ class TrueWidthTest(chex.TestCase):
 
 
 class SoundnessTest(parameterized.TestCase):
-  """beta <= B - 1e-3 implies true width <= B (method spec 2.3, 14.4)."""
+  """beta <= B - 1e-3 gives true width <= B (docs/method.md §2.3, §14)."""
 
   def _draws(self, seed, n=4096):
     rng = np.random.default_rng(seed)
@@ -320,7 +320,7 @@ class ConvergenceTest(parameterized.TestCase):
       (2.0 + 5e-7, 2.0, 2, 2, True),  # within WIDTH_TOLERANCE
       (2.0 + 1e-5, 2.0, 2, 2, False),
       (2.0, 2.1, 2, 2, False),
-      (1.0, 20.0, 1, 32, True),  # A >= FLOAT_BITS is unconstrained (D12)
+      (1.0, 20.0, 1, 32, True),  # A >= 32: unconstrained (docs/method.md D12)
       (9.0, 1.0, 32, 1, True),
   )
   def test_is_converged(self, w, a, weight_bits, activation_bits, expected):

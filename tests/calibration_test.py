@@ -1,4 +1,4 @@
-"""Tests for gdnsq_jax.calibration (method spec section 6, Decision D11)."""
+"""Tests for gdnsq_jax.calibration (docs/method.md §6, D11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for gdnsq_jax.learning_rate (method spec 8.1)."""
+"""Tests for gdnsq_jax.learning_rate (docs/method.md §8.1)."""
 
 from __future__ import annotations
 

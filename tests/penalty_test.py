@@ -1,4 +1,4 @@
-"""Tests for gdnsq_jax.penalty (method spec 7.3, 8.1; section 14 items 9-11)."""
+"""Tests for gdnsq_jax.penalty (docs/method.md §7.3, §8.1, §14 items 9-11)."""
 
 from __future__ import annotations
 

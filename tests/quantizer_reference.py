@@ -1,6 +1,6 @@
 """numpy references of gdnsq_jax.quantizers, shared by the quantizer tests.
 
-The references follow the spec formulas (arXiv 2508.14004; method spec 2-4)
+The references follow the formulas of docs/method.md §2, §3 and §4
 in numpy float32; the losses wrap the quantizers so that ``jax.grad`` gives
 the backward of an upstream gradient ``G``.
 """

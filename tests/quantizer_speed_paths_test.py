@@ -2,7 +2,7 @@
 
 :func:`gdnsq_jax.quantize_activation` runs ``ste`` and ``lsq`` as one fused
 primitive for speed (issue 6). Its forward must equal the composition
-``c + s N(v, s)`` of the method spec (arXiv 2508.14004, sections 2.2 and 4.3)
+``c + s N(v, s)`` of docs/method.md §2.2 and §4.3 (arXiv 2508.14004)
 bit for bit, and its gradients must be that composition's autodiff: the input
 gradient exactly, the scalar gradients up to float32 summation order.
 """
@@ -94,7 +94,8 @@ class FusedBackwardTest(chex.TestCase):
                                 atol=1e-5)
 
   def test_scalar_gradients_match_a_float64_sum(self):
-    # 2**18 elements: the blocked sums keep float32 accuracy (spec 4.3:
+    # 2**18 elements: the blocked sums keep float32 accuracy
+    # (docs/method.md §4.3:
     # dL/ds = sum G n - sum G[above], dL/dq = sum G[above], dL/db = sum G
     # over both clamped sides; chained to the log2 params by ln2 * 2**l).
     x, upstream = _inputs(shape=(64, 64, 64), seed=3)

@@ -1,7 +1,7 @@
 """Backward tests of the EWGS/AEWGS estimators in gdnsq_jax.quantizers.
 
 Also their cross-device statistics under shard_map/vmap with ``axis_name``
-(arXiv 2508.14004; method spec 4, 14). Expected values are hand-derived in
+(docs/method.md §4, §14). Expected values are hand-derived in
 numpy float32 (tests/quantizer_reference.py).
 """
 

@@ -1,6 +1,6 @@
-"""Tests for gdnsq_jax.quantizers (arXiv 2508.14004; method spec 2-4, 14.1-8).
+"""Tests for gdnsq_jax.quantizers (docs/method.md §2, §3, §4, §14 items 1-8).
 
-Every expected value is hand-derived in numpy float32 from the spec formulas
+Every expected value is hand-derived in numpy float32 from docs/method.md
 (tests/quantizer_reference.py). The EWGS/AEWGS and shard_map backward tests
 are in quantizers_backward_test.py.
 """
@@ -177,7 +177,7 @@ class DitherTest(chex.TestCase):
 
 
 class StepGradientStatisticsTest(parameterized.TestCase):
-  """Averages over many keys (spec 4.3: dL/ds -> sum G n; pure: sum G rho)."""
+  """Key averages (docs/method.md §4.3): dL/ds -> sum G n; pure: sum G rho."""
 
   def setUp(self):
     super().setUp()

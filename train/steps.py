@@ -26,7 +26,7 @@ LABELS = "labels"  # config.distill.loss value: train on labels, no teacher.
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step changes; checkpointed whole (Decision D16).
+  """Everything a step changes; checkpointed whole (docs/method.md D16).
 
   Attributes:
     step: completed optimizer steps.
