@@ -25,10 +25,7 @@ def _paths(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   out = {}
   for path, leaf in leaves:
-    name = "/".join(
-        str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-        for k in path
-    )
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     out[name] = (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
   return out
 

@@ -1,21 +1,28 @@
-"""The GDNSQ training loop: steps, validation, convergence, early stopping.
+"""The training loop, as parts: one step runner, validation, model selection.
 
-Convergence (method spec 8.3, Decision D11): right after each validation
+:func:`run_steps` is the loop shared by the FP teacher and GDNSQ: batches
+-> the jitted, sharded train step (:func:`compile_train_step`) -> at log
+steps one host read of the metrics, one non-finite check and the logs -> an
+``after_step`` hook (validation, model selection, checkpoints). :func:`fit`
+is GDNSQ's use of it.
+
+Convergence (docs/method.md §8.3, D11): right after each validation
 pass, the model is converged when the max true weight width <= W and the max
-true activation width over that whole pass <= A. The converged-gated
-accuracy ``ns_accuracy`` is the validation accuracy when converged, else 0;
-early stopping and the best checkpoint follow it, so pre-convergence
-evaluations never count.
+true activation width over that whole pass <= A
+(:func:`gdnsq_jax.bitwidths.is_converged`). Model selection and early
+stopping follow the converged validation accuracy only
+(:class:`train.early_stopping.EarlyStopping`, kept in the checkpointed
+:class:`LoopState`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -28,48 +35,184 @@ from train import input_pipeline
 from train import reporting
 from train import sharding
 from train import steps
+from train.early_stopping import EarlyStopping
 
-_TOLERANCE = 1e-6  # log2 of an integer level count vs an integer target
+# Metrics every train step returns and the host checks at log steps.
+FINITE_METRICS = ("train/loss", "train/grad_norm")
 
 
 @flax.struct.dataclass
 class LoopState:
-  """The train state plus the loop's own counters, checkpointed together."""
+  """The train state plus the loop's own state, checkpointed together."""
 
   train: steps.TrainState
   epoch: jax.Array  # data position: epoch of the next batch
   batch: jax.Array  # data position: batch index within that epoch
-  best_accuracy: jax.Array  # best converged validation accuracy (-1: none)
-  best_step: jax.Array
-  bad_evals: jax.Array  # converged evaluations without improvement
+  early_stopping: EarlyStopping  # converged-gated model selection
 
   @classmethod
-  def initial(cls, train: steps.TrainState) -> "LoopState":
+  def initial(cls, train: steps.TrainState,
+              early_stopping: Optional[EarlyStopping] = None) -> "LoopState":
+    """The state of a fresh run (data at its start, no best model yet)."""
     i = lambda v: jnp.asarray(v, jnp.int32)
     return cls(train=train, epoch=i(0), batch=i(0),
-               best_accuracy=jnp.asarray(-1.0, jnp.float32),
-               best_step=i(-1), bad_evals=i(0))
+               early_stopping=(EarlyStopping.create() if early_stopping is None
+                               else early_stopping))
 
 
-def is_converged(summary: bitwidths.BitwidthSummary, weight_bits: float,
-                 activation_bits: Optional[float]) -> bool:
-  ok = summary.weight_max <= weight_bits + _TOLERANCE
-  if activation_bits is not None:
-    ok = ok and summary.activation_max <= activation_bits + _TOLERANCE
-  return bool(ok)
+def compile_train_step(step_fn: Callable[..., Any], mesh: jax.sharding.Mesh):
+  """``jax.jit`` of ``step_fn(state, batch, teacher_variables)`` on ``mesh``.
+
+  State and teacher replicated, the batch split over the data axis, the
+  input state donated: the one compiled step of a training run.
+  """
+  repl = sharding.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-def _history_record(step, summary, accuracy, converged):
+def check_finite(metrics: dict[str, Any], step: int, *, fix: str,
+                 checkpoints: Optional[checkpointing.StateCheckpointer] = None
+                 ) -> None:
+  """Raises ``FloatingPointError`` if a :data:`FINITE_METRICS` value is not.
+
+  Args:
+    metrics: host metrics of ``step``.
+    step: the step they belong to.
+    fix: what to change, ending the message ("Lower config.x").
+    checkpoints: where the last good checkpoint would be (None: none).
+  """
+  bad = [k for k in FINITE_METRICS if k in metrics
+         and not np.isfinite(metrics[k])]
+  if not bad:
+    return
+  last = None if checkpoints is None else checkpoints.latest_step()
+  raise FloatingPointError(
+      f"non-finite {' and '.join(bad)} ("
+      + ", ".join(f"{k}={metrics[k]}" for k in bad)
+      + f") at step {step}; last good checkpoint: "
+      + ("none" if last is None else checkpoints.step_dir(last))
+      + f". {fix}")
+
+
+def run_steps(
+    train_step: Callable[..., Any],
+    loop_state: LoopState,
+    batches: Iterator[dict[str, np.ndarray]],
+    teacher_variables: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    num_steps: int,
+    log_every: Sequence[int],
+    log: Callable[[int, dict[str, Any]], None],
+    fix: str,
+    checkpoints: Optional[checkpointing.StateCheckpointer] = None,
+    after_step: Optional[Callable[[int, LoopState],
+                                  tuple[LoopState, bool]]] = None,
+) -> tuple[LoopState, bool]:
+  """Runs ``train_step`` from ``loop_state.train.step`` to ``num_steps``.
+
+  Args:
+    train_step: from :func:`compile_train_step`.
+    loop_state: replicated on ``mesh``.
+    batches: host batches (this process's rows of each global batch).
+    teacher_variables: the step's third argument (replicated, or None).
+    mesh: the device mesh.
+    num_steps: the step to stop at.
+    log_every: log after step ``k`` when one of these divides ``k``, and
+      after the last step; the metrics are read to the host only then.
+    log: ``(step, host metrics)``, called after the non-finite check.
+    fix: the advice ending the non-finite error.
+    checkpoints: named by the non-finite error as the last good one.
+    after_step: ``(step, loop_state) -> (loop_state, stop)`` after every
+      step and its log: validation, model selection, checkpoints.
+
+  Returns:
+    The final loop state and whether ``after_step`` stopped the run early.
+
+  Raises:
+    FloatingPointError: a logged loss or gradient norm is not finite.
+  """
+  step = int(jax.device_get(loop_state.train.step))
+  while step < num_steps:
+    batch = sharding.host_to_global(next(batches), mesh)
+    state, metrics = train_step(loop_state.train, batch, teacher_variables)
+    loop_state = loop_state.replace(train=state)
+    step += 1
+    if step == num_steps or any(step % n == 0 for n in log_every):
+      metrics = jax.device_get(metrics)
+      check_finite(metrics, step, fix=fix, checkpoints=checkpoints)
+      log(step, metrics)
+    if after_step is not None:
+      loop_state, stop = after_step(step, loop_state)
+      if stop:
+        return loop_state, True
+  return loop_state, False
+
+
+def log_scalars(writer: reporting.MetricWriter, bar: reporting.ProgressBar,
+                step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+  """TensorBoard scalars (``train/x`` renamed ``<prefix>x``) and the bar."""
+  if prefix:
+    metrics_out = {prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}
+  else:
+    metrics_out = metrics
+  writer.write_scalars(step, metrics_out)
+  bar.update(step, metrics)
+
+
+class Validation(NamedTuple):
+  """One validation pass with the widths it measured."""
+
+  result: evaluation.EvalResult
+  summary: bitwidths.BitwidthSummary
+  converged: bool
+
+
+def validate(eval_step, state: steps.TrainState, dataset, split: str, *,
+             config, mesh, fixed_weight_bits=None) -> Validation:
+  """Evaluates ``state`` on ``split``; true widths and convergence.
+
+  Args:
+    eval_step: the jitted :func:`train.steps.make_eval_step`.
+    state: the train state (replicated).
+    dataset: the data.
+    split: ``validation`` or ``test``.
+    config: the run's config (batch size, width targets).
+    mesh: the device mesh.
+    fixed_weight_bits: cap of fixed-bit (LSQ) weight widths, or None.
+
+  Returns:
+    The evaluation, its :class:`BitwidthSummary` and whether it converged.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  result = evaluation.evaluate(
+      eval_step, variables, dataset, split,
+      global_batch_size=config.data.eval_batch_size, mesh=mesh)
+  summary = bitwidths.summarize_bitwidths(
+      jax.device_get(state.params),
+      activation_widths=result.activation_widths,
+      fixed_weight_bits=fixed_weight_bits)
+  converged = bitwidths.is_converged(summary, config.quant.weight_bits,
+                                     config.quant.activation_bits)
+  return Validation(result, summary, converged)
+
+
+def history_record(step: int, validation: Validation) -> dict[str, Any]:
+  """The ``history.jsonl`` record of a validation (widths, accuracy)."""
+  summary = validation.summary
   return {
       "step": int(step),
       "weight_bits": {k: v[0] for k, v in summary.weight_layers.items()},
       "activation_bits": dict(summary.activation_layers),
-      "accuracy": float(accuracy),
-      "converged": bool(converged),
+      "accuracy": float(validation.result.accuracy),
+      "converged": bool(validation.converged),
   }
 
 
-def _read_history(path: str, up_to_step: int) -> list[dict[str, Any]]:
+def read_history(path: str, up_to_step: int) -> list[dict[str, Any]]:
+  """The records of ``path`` up to ``up_to_step`` (a resumed run's past)."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -77,8 +220,100 @@ def _read_history(path: str, up_to_step: int) -> list[dict[str, Any]]:
   return [r for r in records if r["step"] <= up_to_step]
 
 
+def log_validation(writer: reporting.MetricWriter,
+                   bar: reporting.ProgressBar, step: int,
+                   validation: Validation,
+                   history_path: Optional[str]) -> dict[str, Any]:
+  """Scalars, progress bar and (if a path) a ``history.jsonl`` line.
+
+  Returns:
+    The history record.
+  """
+  result, summary, converged = validation
+  scalars = {
+      "val/accuracy": result.accuracy, "val/loss": result.loss,
+      "val/ns_accuracy": result.accuracy if converged else 0.0,
+      "val/converged": float(converged),
+      "bits/weight_max": summary.weight_max,
+      "bits/weight_mean": summary.weight_mean,
+      "bits/activation_max": summary.activation_max,
+      "bits/activation_mean": summary.activation_mean,
+  }
+  scalars.update({f"bits_layer/weight/{k}": v[0]
+                  for k, v in summary.weight_layers.items()})
+  scalars.update({f"bits_layer/activation/{k}": v
+                  for k, v in summary.activation_layers.items()})
+  writer.write_scalars(step, scalars)
+  bar.update(step, scalars)
+  record = history_record(step, validation)
+  if history_path:
+    with open(history_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+  return record
+
+
+def with_data_position(loop_state: LoopState,
+                       position: input_pipeline.DataPosition,
+                       mesh: jax.sharding.Mesh) -> LoopState:
+  """``loop_state`` with the data position of the next batch (to save it)."""
+  epoch, batch = sharding.replicate(
+      (np.asarray(position.epoch, np.int32),
+       np.asarray(position.batch, np.int32)), mesh)
+  return loop_state.replace(epoch=epoch, batch=batch)
+
+
+class _Run(NamedTuple):
+  """What GDNSQ's ``after_step`` reads (see :func:`_after_gdnsq_step`)."""
+
+  config: Any
+  eval_step: Callable[..., Any]
+  update_stopping: Callable[..., EarlyStopping]
+  dataset: input_pipeline.Dataset
+  mesh: jax.sharding.Mesh
+  writer: reporting.MetricWriter
+  bar: reporting.ProgressBar
+  batches: Any  # the train iterator (its position is checkpointed)
+  checkpoints: checkpointing.StateCheckpointer
+  best: checkpointing.StateCheckpointer
+  history: list[dict[str, Any]]
+  history_path: Optional[str]  # None on processes other than 0
+  fixed_weight_bits: Optional[float]
+
+
+def _after_gdnsq_step(run: _Run, step: int, loop_state: LoopState
+                      ) -> tuple[LoopState, bool]:
+  """Validation, model selection, early stopping and checkpoints of a step."""
+  c = run.config.train
+  stop = False
+  if step % c.eval_every_steps == 0 or step == c.num_steps:
+    v = validate(run.eval_step, loop_state.train, run.dataset, "validation",
+                 config=run.config, mesh=run.mesh,
+                 fixed_weight_bits=run.fixed_weight_bits)
+    run.history.append(log_validation(run.writer, run.bar, step, v,
+                                      run.history_path))
+    es = run.update_stopping(loop_state.early_stopping, v.result.accuracy,
+                             step, v.converged)
+    converged = jax.device_put(jnp.asarray(v.converged),
+                               sharding.replicated(run.mesh))
+    loop_state = loop_state.replace(
+        train=loop_state.train.replace(converged=converged),
+        early_stopping=es)
+    if bool(es.has_improved):
+      run.best.save(step, with_data_position(loop_state,
+                                             run.batches.position, run.mesh))
+    if bool(es.should_stop):
+      run.bar.write(f"early stopping at step {step}: no converged gain for "
+                    f"{int(es.patience_count)} validations")
+      stop = True
+  if step % c.checkpoint_every_steps == 0 or stop:
+    run.checkpoints.save(step, with_data_position(loop_state,
+                                                  run.batches.position,
+                                                  run.mesh))
+  return loop_state, stop
+
+
 def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
-        dataset, mesh, writer, checkpoints, best, workdir, activation_bits):
+        dataset, mesh, writer, checkpoints, best, workdir):
   """Trains until ``config.train.num_steps`` or early stopping.
 
   Returns:
@@ -88,149 +323,83 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   main = sharding.is_main_process()
   c = config.train
   weight_bits = config.quant.weight_bits
+  activation_bits = config.quant.activation_bits
   # LSQ's fixed-bit weight quantizers clip their codes to 2^B levels.
   fixed_weight_bits = weight_bits if qmodel.settings.method == "lsq" else None
-  repl = sharding.replicated(mesh)
   labels_only = config.distill.loss == steps.LABELS
-  train_step = jax.jit(
+  train_step = compile_train_step(
       steps.make_train_step(
           qmodel, tx,
           steps.make_task_loss(config.distill.loss,
                                config.distill.temperature),
           teacher_model=None if labels_only else teacher_model),
-      in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-      out_shardings=(repl, repl),
-      donate_argnums=(0,))
+      mesh)
   eval_step = jax.jit(steps.make_eval_step(qmodel))
   teacher_variables = sharding.replicate(teacher_variables, mesh)
   loop_state = sharding.replicate(loop_state, mesh)
-  state = loop_state.train
-  host = jax.device_get(loop_state.replace(train=None))
-  step = int(jax.device_get(state.step))
-  best_accuracy, best_step = float(host.best_accuracy), int(host.best_step)
-  bad_evals = int(host.bad_evals)
+  host = jax.device_get((loop_state.train.step, loop_state.epoch,
+                         loop_state.batch))
+  step = int(host[0])
   batches = input_pipeline.train_batches(
       dataset, global_batch_size=config.data.batch_size, seed=config.seed,
-      position=(int(host.epoch), int(host.batch)))
+      position=(int(host[1]), int(host[2])))
   history_path = os.path.join(workdir, "history.jsonl")
-  history = _read_history(history_path, step) if main else []
   method = qmodel.settings.method.upper()  # GDNSQ, or the LSQ baseline
   bar = reporting.ProgressBar(c.num_steps, initial=step, desc=method,
                               enabled=main)
-
-  def current_loop_state():
-    position = batches.position
-    i = lambda v: np.asarray(v, np.int32)
-    counters = sharding.replicate(
-        (i(position.epoch), i(position.batch),
-         np.asarray(best_accuracy, np.float32), i(best_step), i(bad_evals)),
-        mesh)
-    return LoopState(state, *counters)
-
-  def validate():
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    result = evaluation.evaluate(
-        eval_step, variables, dataset, "validation",
-        global_batch_size=config.data.eval_batch_size, mesh=mesh)
-    summary = bitwidths.summarize_bitwidths(
-        jax.device_get(state.params),
-        activation_widths=result.activation_widths,
-        fixed_weight_bits=fixed_weight_bits)
-    return result, summary
-
-  early_stopped = False
+  run = _Run(
+      config=config, eval_step=eval_step,
+      update_stopping=jax.jit(EarlyStopping.update,
+                              out_shardings=sharding.replicated(mesh)),
+      dataset=dataset, mesh=mesh, writer=writer, bar=bar, batches=batches,
+      checkpoints=checkpoints, best=best,
+      history=read_history(history_path, step) if main else [],
+      history_path=history_path if main else None,
+      fixed_weight_bits=fixed_weight_bits)
   start = time.time()
-  while step < c.num_steps:
-    batch = sharding.host_to_global(next(batches), mesh)
-    state, metrics = train_step(state, batch, teacher_variables)
-    step += 1
-    is_eval = step % c.eval_every_steps == 0 or step == c.num_steps
-    if step % c.log_every_steps == 0 or is_eval:
-      metrics = jax.device_get(metrics)
-      bad = [k for k in ("train/loss", "train/grad_norm")
-             if not np.isfinite(metrics[k])]
-      if bad:
-        last = checkpoints.latest_step()
-        raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} ("
-            + ", ".join(f"{k}={metrics[k]}" for k in bad)
-            + f") at step {step}; last good checkpoint: "
-            + (checkpoints.step_dir(last) if last is not None else "none")
-            + ". Lower config.optim.learning_rate or check the data")
-      writer.write_scalars(step, metrics)
-      bar.update(step, metrics)
-    if is_eval:
-      result, summary = validate()
-      converged = is_converged(summary, weight_bits, activation_bits)
-      state = state.replace(converged=jax.device_put(
-          jnp.asarray(converged), repl))
-      ns_accuracy = result.accuracy if converged else 0.0
-      scalars = {
-          "val/accuracy": result.accuracy, "val/loss": result.loss,
-          "val/ns_accuracy": ns_accuracy, "val/converged": float(converged),
-          "bits/weight_max": summary.weight_max,
-          "bits/weight_mean": summary.weight_mean,
-          "bits/activation_max": summary.activation_max,
-          "bits/activation_mean": summary.activation_mean,
-      }
-      scalars.update({f"bits_layer/weight/{k}": v[0]
-                      for k, v in summary.weight_layers.items()})
-      scalars.update({f"bits_layer/activation/{k}": v
-                      for k, v in summary.activation_layers.items()})
-      writer.write_scalars(step, scalars)
-      bar.update(step, scalars)
-      record = _history_record(step, summary, result.accuracy, converged)
-      history.append(record)
-      if main:
-        with open(history_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      if converged:
-        if ns_accuracy > best_accuracy + c.early_stopping_min_delta:
-          best_accuracy, best_step, bad_evals = ns_accuracy, step, 0
-          best.save(step, current_loop_state())
-        else:
-          bad_evals += 1
-      elif best_step >= 0:
-        bad_evals += 1  # convergence lost after it was reached
-      if best_step >= 0 and bad_evals >= c.early_stopping_patience:
-        bar.write(f"early stopping at step {step}: no converged gain for "
-                  f"{bad_evals} validations")
-        early_stopped = True
-    if step % c.checkpoint_every_steps == 0 or early_stopped:
-      checkpoints.save(step, current_loop_state())
-    if early_stopped:
-      break
+  loop_state, early_stopped = run_steps(
+      train_step, loop_state, batches, teacher_variables, mesh=mesh,
+      num_steps=c.num_steps,
+      log_every=(c.log_every_steps, c.eval_every_steps),
+      log=functools.partial(log_scalars, writer, bar),
+      fix="Lower config.optim.learning_rate or check the data",
+      checkpoints=checkpoints,
+      after_step=functools.partial(_after_gdnsq_step, run))
+  step = int(jax.device_get(loop_state.train.step))
+  loop_state = with_data_position(loop_state, batches.position, mesh)
   if step == c.num_steps and checkpoints.latest_step() != step:
-    checkpoints.save(step, current_loop_state())
+    checkpoints.save(step, loop_state)
   checkpoints.wait()
   bar.close()
   train_time = time.time() - start
 
   # Report the best converged model; if none converged, the final one.
   selected = "final"
+  state = loop_state.train
   if best.latest_step() is not None:
-    restored = best.restore(best.latest_step(), current_loop_state())
+    restored = best.restore(best.latest_step(), loop_state)
     state = sharding.replicate(restored.train, mesh)
     selected = f"best converged (step {best.latest_step()})"
-  val, val_summary = validate()
-  test = evaluation.evaluate(
-      eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-      dataset, "test", global_batch_size=config.data.eval_batch_size,
-      mesh=mesh)
-  widths = {k: max(v, test.activation_widths.get(k, 0.0))
-            for k, v in val.activation_widths.items()}
+  val = validate(eval_step, state, dataset, "validation", config=config,
+                 mesh=mesh, fixed_weight_bits=fixed_weight_bits)
+  test = validate(eval_step, state, dataset, "test", config=config,
+                  mesh=mesh, fixed_weight_bits=fixed_weight_bits)
+  # docs/method.md D11 over both passes: the larger width of each quantizer.
+  widths = {k: max(v, test.result.activation_widths.get(k, 0.0))
+            for k, v in val.result.activation_widths.items()}
   summary = bitwidths.summarize_bitwidths(jax.device_get(state.params),
                                           activation_widths=widths,
                                           fixed_weight_bits=fixed_weight_bits)
   if main:
     reporting.plot_bitwidth_dynamics(
-        history, os.path.join(workdir, "bitwidth_dynamics.png"),
-        title=f"{method} W{weight_bits}A{activation_bits or 32} "
+        run.history, os.path.join(workdir, "bitwidth_dynamics.png"),
+        title=f"{method} W{weight_bits}A{activation_bits} "
               f"({config.model.name}, {dataset.name})")
   return {
-      "quantized_validation_accuracy": val.accuracy,
-      "quantized_test_accuracy": test.accuracy,
-      "converged": is_converged(summary, weight_bits, activation_bits),
+      "quantized_validation_accuracy": val.result.accuracy,
+      "quantized_test_accuracy": test.result.accuracy,
+      "converged": bitwidths.is_converged(summary, weight_bits,
+                                          activation_bits),
       "selected_model": selected,
       "weight_bits_target": weight_bits,
       "activation_bits_target": activation_bits,

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gdnsq_jax.bitwidths import BitwidthSummary
+from gdnsq_jax import bitwidths
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -100,12 +100,23 @@ class ProgressBar:
 
 
 def format_bitwidth_table(
-    summary: BitwidthSummary,
+    summary: bitwidths.BitwidthSummary,
     fp_layers: Sequence[str] = (),
     weight_target: Optional[float] = None,
     activation_target: Optional[float] = None,
 ) -> str:
-  """A per-layer table of true weight / activation widths."""
+  """A per-layer table of true weight / activation widths.
+
+  Args:
+    summary: the widths (:func:`gdnsq_jax.bitwidths.summarize_bitwidths`).
+    fp_layers: layers left in floating point, listed as ``fp32``.
+    weight_target: the weight target, named in the last line.
+    activation_target: the activation target; ``None`` or one of
+      :data:`gdnsq_jax.bitwidths.FLOAT_BITS` or more is not named.
+
+  Returns:
+    The table, one line per layer and a model line.
+  """
   rows = []
   layers = sorted(set(summary.weight_layers) | {
       p.rsplit("/input_quantizer", 1)[0] for p in summary.activation_layers
@@ -132,7 +143,9 @@ def format_bitwidth_table(
   targets = ""
   if weight_target is not None:
     targets = f" (targets W{weight_target:g}"
-    targets += "" if activation_target is None else f" A{activation_target:g}"
+    if activation_target is not None and not bitwidths.is_float(
+        activation_target):
+      targets += f" A{activation_target:g}"
     targets += ")"
   lines.append(
       f"model: W max {summary.weight_max:.3f} mean {summary.weight_mean:.3f}"

@@ -1,6 +1,6 @@
 """The FP teacher: restore it from a checkpoint, or train it with the FP recipe.
 
-Decision D8: no pretrained teacher can be downloaded here, so either
+docs/method.md D8: no pretrained teacher can be downloaded here, so either
 ``config.teacher.checkpoint`` names an orbax checkpoint of FP
 ``{params, batch_stats}``, or the program trains one first (AdamW, warmup +
 cosine decay, label cross-entropy) and stores it under
@@ -9,6 +9,7 @@ cosine decay, label cross-entropy) and stores it under
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import optax
 from train import checkpointing
 from train import evaluation
 from train import input_pipeline
+from train import loop
 from train import reporting
 from train import sharding
 from train import steps
@@ -51,7 +53,11 @@ def train_fp(
     mesh: jax.sharding.Mesh,
     writer: reporting.MetricWriter,
 ) -> Any:
-  """Trains the FP model with labels; returns ``{params, batch_stats}``."""
+  """Trains the FP model with labels; returns ``{params, batch_stats}``.
+
+  The same loop as GDNSQ (:func:`train.loop.run_steps`, one sharded step)
+  without validation or checkpoints; scalars are logged as ``teacher/*``.
+  """
   sample = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
   variables = model.init(jax.random.key(config.seed), sample, train=False)
   tx = fp_optimizer(config)
@@ -59,33 +65,27 @@ def train_fp(
   state = steps.create_state(
       variables, tx, trainable, jax.random.key_data(
           jax.random.key(config.seed + 1)))
-  state = sharding.replicate(state, mesh)
-  step_fn = jax.jit(
+  train_step = loop.compile_train_step(
       steps.make_train_step(
           model, tx, steps.make_task_loss(steps.LABELS, 1.0),
           teacher_model=None, quantized=False),
-      donate_argnums=(0,))
+      mesh)
   batches = input_pipeline.train_batches(
       dataset, global_batch_size=config.data.batch_size, seed=config.seed)
   num_steps = config.teacher.num_steps
   bar = reporting.ProgressBar(num_steps, desc="teacher (FP)",
                               enabled=sharding.is_main_process())
   start = time.time()
-  for step in range(1, num_steps + 1):
-    batch = sharding.host_to_global(next(batches), mesh)
-    state, metrics = step_fn(state, batch, None)
-    if step % config.train.log_every_steps == 0 or step == num_steps:
-      metrics = jax.device_get(metrics)
-      if not jnp.isfinite(metrics["train/loss"]):
-        raise FloatingPointError(
-            f"FP teacher training diverged at step {step} (loss "
-            f"{metrics['train/loss']}); lower config.teacher.learning_rate")
-      writer.write_scalars(step, {"teacher/" + k.split("/", 1)[1]: v
-                                  for k, v in metrics.items()})
-      bar.update(step, metrics)
+  loop_state, _ = loop.run_steps(
+      train_step, sharding.replicate(loop.LoopState.initial(state), mesh),
+      batches, None, mesh=mesh, num_steps=num_steps,
+      log_every=(config.train.log_every_steps,),
+      log=functools.partial(loop.log_scalars, writer, bar, prefix="teacher/"),
+      fix="The FP teacher diverged: lower config.teacher.learning_rate")
   bar.close()
   logging.info("FP teacher: %d steps in %.1f s", num_steps,
                time.time() - start)
+  state = loop_state.train
   return jax.device_get(
       {"params": state.params, "batch_stats": state.batch_stats})
 

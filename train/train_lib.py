@@ -22,7 +22,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
@@ -30,7 +29,7 @@ from gdnsq_jax import interception
 from gdnsq_jax import layers
 from gdnsq_jax import penalty
 from train import checkpointing
-from train import evaluation
+from train import early_stopping as early_stopping_lib
 from train import input_pipeline
 from train import loop
 from train import models
@@ -121,6 +120,14 @@ def make_optimizer(config, activation_bits):
       b1=o.b1, b2=o.b2, eps=o.eps, flatten=o.flatten)
 
 
+def make_early_stopping(config: ml_collections.ConfigDict
+                        ) -> early_stopping_lib.EarlyStopping:
+  """Model selection before the first validation, from ``config.train``."""
+  return early_stopping_lib.EarlyStopping.create(
+      min_delta=config.train.early_stopping_min_delta,
+      patience=config.train.early_stopping_patience)
+
+
 def _calibration_batches(config, dataset, mesh):
   it = input_pipeline.eval_batches(
       dataset, "train", global_batch_size=config.data.batch_size)
@@ -132,7 +139,7 @@ def _calibration_batches(config, dataset, mesh):
 
 
 def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
-  """Calibrated quantized state from the FP variables (spec section 6)."""
+  """Calibrated quantized state from the FP variables (docs/method.md §6)."""
   sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
                                 jnp.float32)
   abstract = jax.eval_shape(
@@ -150,7 +157,7 @@ def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
   return steps.create_state(variables, tx, trainable, rng)
 
 
-def _abstract_loop_state(qmodel, dataset, tx):
+def _abstract_loop_state(config, qmodel, dataset, tx):
   """Shapes of the checkpointed loop state (``jax.eval_shape``)."""
   sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
                                 jnp.float32)
@@ -161,7 +168,8 @@ def _abstract_loop_state(qmodel, dataset, tx):
                              variables["params"])
     rng = jax.random.key_data(jax.random.key(0))
     return loop.LoopState.initial(
-        steps.create_state(variables, tx, trainable, rng))
+        steps.create_state(variables, tx, trainable, rng),
+        make_early_stopping(config))
 
   return jax.eval_shape(build, sample)
 
@@ -224,9 +232,7 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
   if sharding.is_main_process():
     print("quantization placement:\n"
           + interception.format_quantization_report(report), flush=True)
-  activation_bits = (config.quant.activation_bits
-                     if settings.quantize_activations else None)
-  tx = make_optimizer(config, activation_bits)
+  tx = make_optimizer(config, config.quant.activation_bits)
   checkpoints = checkpointing.StateCheckpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.train.max_checkpoints_to_keep)
@@ -237,18 +243,19 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
   # calibrated state from the FP teacher variables.
   latest = checkpoints.latest_step()
   if latest is not None:
-    target = _abstract_loop_state(qmodel, dataset, tx)
+    target = _abstract_loop_state(config, qmodel, dataset, tx)
     loop_state = checkpoints.restore(latest, target)
     logging.info("resumed from %s", checkpoints.step_dir(latest))
   else:
     loop_state = loop.LoopState.initial(
-        _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx))
+        _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx),
+        make_early_stopping(config))
   fp_paths = [r.path for r in report if not r.quantized]
   out = loop.fit(
       config=config, qmodel=qmodel, teacher_model=model,
       teacher_variables=fp_variables, loop_state=loop_state, tx=tx,
       dataset=dataset, mesh=mesh, writer=writer, checkpoints=checkpoints,
-      best=best, workdir=workdir, activation_bits=activation_bits)
+      best=best, workdir=workdir)
   checkpoints.close()
   best.close()
   out["fp_layers"] = fp_paths
@@ -256,7 +263,8 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
   if sharding.is_main_process():
     summary = out.pop("_summary")
     table = reporting.format_bitwidth_table(
-        summary, fp_paths, config.quant.weight_bits, activation_bits)
+        summary, fp_paths, config.quant.weight_bits,
+        config.quant.activation_bits)
     with open(os.path.join(workdir, "bitwidths.txt"), "w") as f:
       f.write(table + "\n")
     print(table)
