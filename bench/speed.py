@@ -13,7 +13,7 @@ in one process.
 Configurations:
 
 * ``fp-xla`` / ``fp-fast`` / ``fp-matmul``: label cross-entropy, SGD with
-  momentum; conv = ``lax.conv_general_dilated`` / :mod:`gdnsq_jax.conv`
+  momentum; conv = ``lax.conv_general_dilated`` / :mod:`train.cpu_conv`
   ``auto`` / shifted-window matmuls for every pass.
 * ``fp-distill`` / ``fp-distill-xla``: everything the GDNSQ step does except
   quantization: the FP student distils from the same FP teacher forward with
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 from configs import w2a2
-from gdnsq_jax import conv as fast_conv
+from train import cpu_conv as fast_conv
 from gdnsq_jax import interception
 from train import models
 from train import steps

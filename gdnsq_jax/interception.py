@@ -9,7 +9,7 @@ quantized kernel and input. The model's code and its FP params tree are
 unchanged; the quantized tree only adds ``log2_step`` and ``input_quantizer``
 entries, so :func:`add_quantizer_params` loads FP variables into it.
 
-Placement (method spec section 5, Decision D6): by default the stem (the
+Placement (docs/method.md §5, D6): by default the stem (the
 first conv / dense applied), the classifier (the last dense applied) and 1x1
 convs stay full precision; :class:`QuantizationRules` changes that.
 """
@@ -27,6 +27,7 @@ import numpy as np
 
 from gdnsq_jax import layers as qlayers
 from gdnsq_jax import quantizer_params
+from gdnsq_jax import tracing
 from gdnsq_jax.layers import QuantSettings
 
 __all__ = [
@@ -119,46 +120,6 @@ def _kind(module: nn.Module) -> Optional[str]:
 
 def _is_layer_call(context: Any) -> bool:
   return context.method_name == "__call__" and _kind(context.module) is not None
-
-
-def _trace_layers(model, args, kwargs) -> list[tuple[str, str, tuple, bool]]:
-  """Records every conv / dense call of ``model.init`` (abstractly).
-
-  Returns:
-    ``(path, kind, kernel shape, is a Quant* layer)`` per call, in call order;
-    a layer called twice appears twice.
-  """
-  calls = []
-
-  def record(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
-    if _is_layer_call(context) and not qlayers.inside_fp_twin():
-      module = context.module
-      kernel = module.get_variable("params", "kernel")
-      explicit = isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
-      calls.append(
-          ("/".join(module.path), _kind(module), tuple(kernel.shape), explicit)
-      )
-    return out
-
-  # Array-like leaves (arrays, ShapeDtypeStruct) are traced abstractly; other
-  # leaves (e.g. a positional ``train`` flag) stay static Python values.
-  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-  is_array = [
-      isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-      for l in leaves
-  ]
-
-  def init(*array_leaves):
-    it = iter(array_leaves)
-    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
-    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    with nn.intercept_methods(record):
-      return model.init(rngs, *call_args, **call_kwargs)
-
-  jax.eval_shape(init, *[l for l, a in zip(leaves, is_array) if a])
-  return calls
 
 
 def _decide(path: str, role: str, rules: QuantizationRules) -> tuple[bool, str]:
@@ -273,15 +234,13 @@ def quantize_model(
     rules = QuantizationRules()
   elif isinstance(rules, Mapping):
     rules = QuantizationRules.from_dict(rules)
-  calls = _trace_layers(model, sample_args, sample_kwargs)
-  dense_calls = [c[0] for c in calls if c[1] == "dense"]
-  stem = calls[0][0] if calls else None
-  classifier = dense_calls[-1] if dense_calls else None
-  first_calls = {}
-  for call in calls:
-    first_calls.setdefault(call[0], call)
+  traced = tracing.trace_calls(model, sample_args, sample_kwargs)
+  dense = [l for l in traced if l.kind == "dense"]
+  stem = traced[0].path if traced else None
+  classifier = max(dense, key=lambda l: l.last_call).path if dense else None
   infos = []
-  for path, kind, shape, explicit in first_calls.values():
+  for layer in traced:
+    path, kind, shape = layer.path, layer.kind, layer.kernel_shape
     if path == stem:
       role = "stem"
     elif path == classifier:
@@ -290,7 +249,7 @@ def quantize_model(
       role = "1x1"
     else:
       role = ""
-    if explicit:
+    if layer.explicit:
       quantized, reason = True, "explicit Quant layer"
     else:
       quantized, reason = _decide(path, role, rules)
@@ -380,7 +339,8 @@ def add_quantizer_params(fp_variables: Mapping[str, Any],
     if path in fp_flat:
       return jnp.asarray(fp_flat[path])
     if isinstance(value, jax.ShapeDtypeStruct):
-      return jnp.full(value.shape, quantizer_params.initial_value(path, siblings), value.dtype)
+      init = quantizer_params.initial_value(path, siblings)
+      return jnp.full(value.shape, init, value.dtype)
     return value
 
   def walk(tree, prefix):

@@ -1,10 +1,14 @@
-"""Tracing a Flax model's conv / dense calls for export (shapes only).
+"""The one layer tracer: every conv / dense call of a Flax model (shapes only).
 
-:func:`trace_layers` runs the unmodified model abstractly (``jax.eval_shape``)
-on one example under ``nn.intercept_methods`` and records, in first-call
-order, every ``nn.Conv`` / ``nn.Dense`` call: its kernel shape, its
-multiply-accumulates per example, and the inference-mode BatchNorm that
-consumes exactly its output (which the export may fold into it).
+:func:`trace_calls` runs the unmodified model abstractly (``jax.eval_shape``
+of its ``init``, or of ``apply`` when variables are given) under
+``nn.intercept_methods`` and records, in first-call order, every
+``nn.Conv`` / ``nn.Dense`` call: its kernel shape, its multiply-accumulates
+per example, whether it is an explicit ``QuantConv`` / ``QuantDense``, when it
+was last called, and the inference-mode BatchNorm that consumes exactly its
+output (which the export may fold into it). Placement
+(:func:`gdnsq_jax.interception.quantize_model`) and the export
+(:func:`trace_layers`) both read it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class TracedLayer:
     batch_norm: path of the inference-mode BatchNorm that consumes exactly
       this layer's output (foldable), else None.
     batch_norm_epsilon: that BatchNorm's epsilon.
+    explicit: the layer is an explicit ``QuantConv`` / ``QuantDense``.
+    last_call: position of its last call among all conv / dense calls.
   """
 
   path: str
@@ -42,6 +48,8 @@ class TracedLayer:
   macs: int
   batch_norm: Optional[str] = None
   batch_norm_epsilon: Optional[float] = None
+  explicit: bool = False
+  last_call: int = 0
 
 
 def _is_layer(module: nn.Module) -> bool:
@@ -52,49 +60,53 @@ def _first_input(args, kwargs, name):
   return args[0] if args else kwargs[name]
 
 
-def trace_layers(
+def trace_calls(
     model: nn.Module,
-    variables: Mapping[str, Any],
-    input_shape: Sequence[int],
-    input_dtype: Any = jnp.float32,
-    apply_kwargs: Optional[Mapping[str, Any]] = None,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    variables: Optional[Mapping[str, Any]] = None,
 ) -> list[TracedLayer]:
   """Finds every conv / dense call, its MACs and a BatchNorm consuming it.
 
-  The model runs abstractly (``jax.eval_shape``) on one example under
-  ``nn.intercept_methods``. A BatchNorm is foldable into a layer when its
-  input *is* the array the layer returned, it runs on running averages over
-  the last axis, both are called once and no other module call takes that
-  output. A consumer outside module calls (``y = conv(x); z = y + bn(y)``)
-  cannot be seen here; :mod:`gdnsq_jax.export_verification` (run by the CLI)
-  would then report the folded layer's error.
+  The model runs abstractly (``jax.eval_shape``; nothing is allocated) under
+  ``nn.intercept_methods``: ``model.init`` when ``variables`` is None, else
+  ``model.apply(variables, ...)`` with every collection mutable (so a
+  training-mode trace works). Array-like leaves of ``args`` / ``kwargs``
+  (arrays, ``jax.ShapeDtypeStruct``) are traced; other leaves (a positional
+  ``train`` flag) stay static Python values.
+
+  A BatchNorm is foldable into a layer when its input *is* the array the
+  layer returned, it runs on running averages over the last axis, both are
+  called once and no other module call takes that output. A consumer outside
+  module calls (``y = conv(x); z = y + bn(y)``) cannot be seen here;
+  :mod:`gdnsq_jax.export.verification` (run by the CLI) would then report the
+  folded layer's error.
 
   Args:
-    model: the unmodified Flax model.
-    variables: its variables, or their shapes (quantizer params are ignored).
-    input_shape: one example's shape (no batch axis).
-    input_dtype: the input dtype.
-    apply_kwargs: keyword arguments of ``apply`` selecting inference mode.
+    model: the unmodified Flax model (or one with explicit Quant layers).
+    args: example positional inputs of the model call.
+    kwargs: keyword arguments of the model call (e.g. ``train=False``).
+    variables: its variables, or their shapes; None traces ``init``.
 
   Returns:
-    The layers in first-call order.
+    The layers in first-call order (a layer called twice appears once).
   """
   calls, norms, inputs_seen = [], [], []
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
+  def record(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
     module = context.module
     if context.method_name != "__call__" or qlayers.inside_fp_twin():
       return out
     if _is_layer(module):
-      x = _first_input(args, kwargs, "inputs")
+      x = _first_input(call_args, call_kwargs, "inputs")
       kernel = module.get_variable("params", "kernel")
       calls.append(("/".join(module.path), module, tuple(kernel.shape), out))
       inputs_seen.append(x)
     elif isinstance(module, nn.BatchNorm):
-      x = _first_input(args, kwargs, "x")
-      flag = kwargs.get("use_running_average",
-                        args[1] if len(args) > 1 else None)
+      x = _first_input(call_args, call_kwargs, "x")
+      flag = call_kwargs.get("use_running_average",
+                             call_args[1] if len(call_args) > 1 else None)
       running = nn.merge_param(
           "use_running_average", module.use_running_average, flag)
       axis_ok = module.axis in (-1, x.ndim - 1)
@@ -103,13 +115,26 @@ def trace_layers(
       inputs_seen.append(x)
     return out
 
-  def run(variables, x):
-    with nn.intercept_methods(record):  # mutable: a training-mode trace works
-      return model.apply(variables, x, mutable=True, **dict(apply_kwargs or {}))
+  leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
+  is_array = [
+      isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+      for l in leaves
+  ]
 
-  sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), input_dtype)
-  jax.eval_shape(run, variables, sample)
+  def run(variables, *array_leaves):
+    it = iter(array_leaves)
+    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
+    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+    with nn.intercept_methods(record):
+      if variables is None:
+        rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+        return model.init(rngs, *call_args, **call_kwargs)
+      return model.apply(variables, *call_args, mutable=True, **call_kwargs)
+
+  jax.eval_shape(run, variables,
+                 *[l for l, a in zip(leaves, is_array) if a])
   count = lambda path, items: sum(item[0] == path for item in items)
+  last_call = {path: i for i, (path, *_) in enumerate(calls)}
   layers, seen = [], set()
   for path, module, kernel_shape, out in calls:
     if path in seen:
@@ -121,7 +146,32 @@ def trace_layers(
           and count(bn_path, norms) == 1
           and sum(y is out for y in inputs_seen) == 1):
         bn, epsilon = bn_path, eps
-    macs = int(np.prod(out.shape)) * int(np.prod(kernel_shape[:-1]))
+    macs = int(np.prod(out.shape[1:])) * int(np.prod(kernel_shape[:-1]))
     kind = "conv" if isinstance(module, nn.Conv) else "dense"
-    layers.append(TracedLayer(path, kind, kernel_shape, macs, bn, epsilon))
+    explicit = isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
+    layers.append(TracedLayer(path, kind, kernel_shape, macs, bn, epsilon,
+                              explicit, last_call[path]))
   return layers
+
+
+def trace_layers(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    input_shape: Sequence[int],
+    input_dtype: Any = jnp.float32,
+    apply_kwargs: Optional[Mapping[str, Any]] = None,
+) -> list[TracedLayer]:
+  """:func:`trace_calls` of ``model.apply`` on one example (the export's view).
+
+  Args:
+    model: the unmodified Flax model.
+    variables: its variables, or their shapes (quantizer params are ignored).
+    input_shape: one example's shape (no batch axis).
+    input_dtype: the input dtype.
+    apply_kwargs: keyword arguments of ``apply`` selecting inference mode.
+
+  Returns:
+    The layers in first-call order.
+  """
+  sample = jax.ShapeDtypeStruct((1,) + tuple(input_shape), input_dtype)
+  return trace_calls(model, (sample,), dict(apply_kwargs or {}), variables)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import calibration
-from gdnsq_jax import export as export_lib
-from gdnsq_jax import export_files
-from gdnsq_jax import integer_inference
+from gdnsq_jax.export import exporter as export_lib
+from gdnsq_jax.export import files as export_files
+from gdnsq_jax.export import inference as integer_inference
 from gdnsq_jax import interception
 from tests import export_setup
 from tests import tiny_setup

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdnsq_jax import export as export_lib
+from gdnsq_jax.export import exporter as export_lib
 from gdnsq_jax import interception
 
 EVAL = {"train": False}

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import calibration
-from gdnsq_jax import export as export_lib
-from gdnsq_jax import export_verification
-from gdnsq_jax import integer_inference
+from gdnsq_jax.export import exporter as export_lib
+from gdnsq_jax.export import verification as export_verification
+from gdnsq_jax.export import inference as integer_inference
 from gdnsq_jax import interception
 from gdnsq_jax import layers
-from gdnsq_jax import packing
+from gdnsq_jax.export import packing
 from gdnsq_jax import tracing
 from tests import export_setup
 from train import models

@@ -1,4 +1,4 @@
-"""Tests of gdnsq_jax.packing: dense bit packing of unsigned codes."""
+"""Tests of gdnsq_jax.export.packing: dense bit packing of unsigned codes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from absl.testing import parameterized
 import chex
 import numpy as np
 
-from gdnsq_jax import packing
+from gdnsq_jax.export import packing
 
 _COUNTS = (1, 3, 7, 9, 13, 1001)  # odd counts leave a partly filled last byte
 

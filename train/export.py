@@ -7,14 +7,14 @@ Reads ``<workdir>/config.json``, rebuilds the quantized model, restores the
 best converged state (``<workdir>/best/<step>``) or else the latest
 (``<workdir>/checkpoints/<step>``), and writes ``<workdir>/export/``:
 ``manifest.json``, ``arrays.npz`` and ``model.stablehlo`` (see
-:mod:`gdnsq_jax.export_files`). Before writing it checks that the integer
+:mod:`gdnsq_jax.export.files`). Before writing it checks that the integer
 inference gives the fake-quant model's logits on the whole test split (within
 1e-4 relative, same argmax on >= 99.9% of inputs) and that the StableHLO
 artifact reloads and reproduces them; it prints the size table.
 
 A run whose true widths exceed the config's targets (weights: integer
-levels; activations: max over validation and test passes, Decision D11) is
-refused unless ``--force``.
+levels; activations: max over validation and test passes, docs/method.md
+D11) is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import ml_collections
 import numpy as np
 
 from gdnsq_jax import calibration
-from gdnsq_jax import export as export_lib
-from gdnsq_jax import export_files
-from gdnsq_jax import export_verification
-from gdnsq_jax import integer_inference
+from gdnsq_jax.export import exporter as export_lib
+from gdnsq_jax.export import files as export_files
+from gdnsq_jax.export import verification as export_verification
+from gdnsq_jax.export import inference as integer_inference
 from gdnsq_jax import interception
 from train import checkpointing
 from train import input_pipeline
@@ -99,7 +99,7 @@ def verify(qmodel, variables, integer, export, dataset, split: str,
            batch_size: int) -> dict[str, Any]:
   """Integer vs fake-quant over ``split``: logits and teacher-forced layers.
 
-  See :mod:`gdnsq_jax.export_verification`. ``passed``: argmax agreement
+  See :mod:`gdnsq_jax.export.verification`. ``passed``: argmax agreement
   >= 99.9% (ties aside) and every layer within 1e-4 relative.
   """
   reference = jax.jit(lambda v, x: qmodel.apply(v, x, **APPLY_KWARGS))
@@ -152,17 +152,15 @@ def export_run(workdir: str, *, output_dir: Optional[str] = None,
   variables, source = restore_run_variables(workdir)
   batch_size = config.data.eval_batch_size
   widths = {}
-  if settings.quantize_activations:
-    for split in ("validation", "test"):  # Decision D11: whole passes
-      images = (x for x, _ in _images(dataset, split, batch_size))
-      measured = calibration.measure_activation_widths(
-          qmodel, variables, images, apply_kwargs=APPLY_KWARGS)
-      widths = {k: max(v, widths.get(k, 0.0)) for k, v in measured.items()}
+  if settings.quantize_activations:  # docs/method.md D11: both passes
+    images = (x for split in ("validation", "test")
+              for x, _ in _images(dataset, split, batch_size))
+    widths = calibration.measure_activation_widths(
+        qmodel, variables, images, apply_kwargs=APPLY_KWARGS)
   export = export_lib.export_model(
       qmodel, variables, shape, apply_kwargs=APPLY_KWARGS,
       fold_batch_norm=fold_batch_norm, weight_bits=config.quant.weight_bits,
-      activation_bits=(config.quant.activation_bits
-                       if settings.quantize_activations else None),
+      activation_bits=config.quant.activation_bits,
       activation_widths=widths, force=force)
   integer = jax.jit(
       lambda x: integer_inference.integer_apply(model, export, x))

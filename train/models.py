@@ -12,7 +12,7 @@ so the module names below are API:
 * ``classifier`` -- the final ``nn.Dense``.
 
 One :class:`ResNet` class is written once; :class:`ResNet20` (pytorchcv
-``resnet20_cifar10``, method spec section 10, Decision D7), :class:`ResNet18`
+``resnet20_cifar10``, docs/method.md §10, D7), :class:`ResNet18`
 (torchvision ``resnet18``) and :class:`DigitsResNet` (28x28x1 digits, trains
 in minutes on a CPU) are configurations of it.
 
@@ -24,7 +24,8 @@ Conventions (chosen to match the PyTorch originals, so weights map one to one):
 * BatchNorm: momentum 0.9 and epsilon 1e-5 (PyTorch's 0.1 / 1e-5 in Flax
   terms), scale 1, bias 0. Flax keeps the biased batch variance in
   ``batch_stats['var']`` (PyTorch stores the unbiased one); with axis_name set
-  the batch mean and mean square are averaged over that axis (Decision D15).
+  the batch mean and mean square are averaged over that axis
+  (docs/method.md D15).
 * Conv kernels: He/Kaiming normal, ``fan_out`` mode, untruncated, as
   torchvision's ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``:
   ``std = sqrt(2 / (kh * kw * out_channels))``.
@@ -43,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdnsq_jax import conv as fast_conv
+from train import cpu_conv as fast_conv
 
 ConvOp = Callable[..., jax.Array] | None
 """A ``lax.conv_general_dilated``-compatible op for ``nn.Conv`` (None: XLA's)."""
@@ -159,7 +160,7 @@ class ResNet(nn.Module):
     axis_name: data-parallel axis name for synchronised BatchNorm (None: local).
     dtype: computation dtype; params stay float32, logits are float32.
     conv_general_dilated: the convolution op of every conv. The default,
-      :func:`gdnsq_jax.conv.conv_general_dilated`, is XLA's convolution on
+      :func:`train.cpu_conv.conv_general_dilated`, is XLA's convolution on
       GPU/TPU and a faster custom-VJP formulation on CPU; None uses
       ``lax.conv_general_dilated`` directly.
   """
@@ -248,7 +249,7 @@ class ResNet(nn.Module):
 
 
 class ResNet20(ResNet):
-  """CIFAR ResNet-20, pytorchcv ``resnet20_cifar10`` layout (Decision D7).
+  """CIFAR ResNet-20, pytorchcv ``resnet20_cifar10`` (docs/method.md D7).
 
   3x3 stem (16 ch), 3 stages x 3 basic blocks (16/32/64 ch), 1x1 projection
   shortcuts in the first block of stages 2 and 3; 272,474 parameters for 10
@@ -263,7 +264,7 @@ class ResNet20(ResNet):
 
 
 class ResNet18(ResNet):
-  """ImageNet ResNet-18, torchvision ``resnet18`` layout (Decision D7).
+  """ImageNet ResNet-18, torchvision ``resnet18`` layout (docs/method.md D7).
 
   7x7/2 stem (64 ch) + 3x3/2 max pool, 4 stages x 2 basic blocks
   (64/128/256/512 ch), 1x1/2 projection in the first block of stages 2-4;

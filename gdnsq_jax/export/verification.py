@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import layers as qlayers
-from gdnsq_jax.export import IntegerExport
-from gdnsq_jax.integer_inference import exported_layer_apply
+from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
+from gdnsq_jax.export.exporter import IntegerExport
+from gdnsq_jax.export.inference import exported_layer_apply
 
 __all__ = ["compare_layers", "compare_logits"]
 
@@ -85,7 +86,7 @@ def compare_layers(qmodel: Any, variables: Mapping[str, Any],
     inputs = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
     if isinstance(module, (nn.Conv, nn.Dense)) and path in entries:
       arrays = export.layer_arrays(path)
-      x_hat = quantized_inputs.get(f"{path}/{qlayers.INPUT_QUANTIZER}")
+      x_hat = quantized_inputs.get(f"{path}/{INPUT_QUANTIZER}")
       codes = None
       if x_hat is not None and "activation_step" in arrays:
         codes = jnp.round((x_hat.astype(jnp.float32)

@@ -6,7 +6,7 @@ A directory written by :func:`save_export` holds::
                     ``files``: byte size and SHA-256 of every other file
   arrays.npz        the arrays (packed uint8 codes, float32 parameters)
   model.stablehlo   optional: the serialized ``jax.export`` integer
-                    inference function (see :mod:`gdnsq_jax.integer_inference`)
+                    inference function (see :mod:`gdnsq_jax.export.inference`)
 
 :func:`load_export` refuses, with an :class:`ExportFormatError` that names
 the file and the fix, a missing, truncated or corrupt file, a manifest of
@@ -23,11 +23,11 @@ from typing import Optional
 
 import numpy as np
 
-from gdnsq_jax import packing
-from gdnsq_jax.export import EXPORT_FORMAT
-from gdnsq_jax.export import EXPORT_VERSION
-from gdnsq_jax.export import ExportError
-from gdnsq_jax.export import IntegerExport
+from gdnsq_jax.export import packing
+from gdnsq_jax.export.exporter import EXPORT_FORMAT
+from gdnsq_jax.export.exporter import EXPORT_VERSION
+from gdnsq_jax.export.exporter import ExportError
+from gdnsq_jax.export.exporter import IntegerExport
 
 __all__ = [
     "ARRAYS_FILE",

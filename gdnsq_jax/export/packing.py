@@ -1,8 +1,9 @@
 """Dense bit packing of unsigned integer codes (the integer export's format).
 
-A quantized layer's weight codes ``k`` lie in ``{0, ..., 2**bits - 1}`` (method
-spec 2.1: unsigned codes above the channel minimum). They are stored in the
-smallest *container* of :data:`CONTAINER_BITS` that holds ``bits``:
+A quantized layer's weight codes ``k`` lie in ``{0, ..., 2**bits - 1}``
+(docs/method.md §2.1: unsigned codes above the channel minimum). They are
+stored in the smallest *container* of :data:`CONTAINER_BITS` that holds
+``bits``:
 
 ========  =========  ==============
 bits      container  codes per byte

@@ -2,7 +2,7 @@
 
 :func:`conv_general_dilated` takes ``jax.lax.conv_general_dilated``'s
 arguments, so a model uses it as
-``nn.Conv(..., conv_general_dilated=gdnsq_jax.conv.conv_general_dilated)``.
+``nn.Conv(..., conv_general_dilated=train.cpu_conv.conv_general_dilated)``.
 On the CPU backend a *plain* convolution (NHWC input, HWIO kernel, NHWC
 output, no input or kernel dilation, one group, non-negative padding, one
 floating dtype) runs a ``jax.custom_vjp`` whose three passes each use the

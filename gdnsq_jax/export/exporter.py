@@ -2,11 +2,11 @@
 
 :func:`export_model` turns a trained :class:`gdnsq_jax.QuantizedModel` and
 its variables into an :class:`IntegerExport`: plain numpy arrays plus a JSON
-manifest. Per quantized layer (method spec 2.1, 2.2):
+manifest. Per quantized layer (docs/method.md §2.1, §2.2):
 
 * ``weight_codes`` -- ``k = round((W - z_c) / s_c)``, unsigned, packed for
   the layer's integer width ``ceil(max_c log2(k_max,c + 1))`` (see
-  :mod:`gdnsq_jax.packing`); ``weight_step`` ``s_c = 2**log2_step`` and
+  :mod:`gdnsq_jax.export.packing`); ``weight_step`` ``s_c = 2**log2_step`` and
   ``weight_zero`` ``z_c = min W[..., c]`` (float32, per channel or scalar);
 * ``activation_step`` ``s``, ``activation_clamp_low`` ``b``,
   ``activation_clamp_high`` ``b + q - s`` and ``activation_levels``
@@ -18,7 +18,7 @@ Full-precision conv / dense layers keep ``kernel`` / ``bias`` in float32;
 every other variable (BatchNorm not folded, ...) is kept in float32 under
 ``variables/<collection>/<module path>/<name>``.
 
-BatchNorm folding (``fold_batch_norm=True``, for deployment; Decision D15):
+BatchNorm folding (``fold_batch_norm=True``; docs/method.md §12, D15):
 a BatchNorm in inference mode whose input is exactly the output of a conv /
 dense (found by tracing the model) is folded. With ``m = scale /
 sqrt(var + eps)`` and ``o = bn_bias - mean m``: into an FP layer's float
@@ -46,7 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import layers as qlayers
-from gdnsq_jax import packing
+from gdnsq_jax.bitwidths import FLOAT_BITS
+from gdnsq_jax.bitwidths import is_float
+from gdnsq_jax.bitwidths import WIDTH_TOLERANCE
+from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
+from gdnsq_jax.export import packing
 from gdnsq_jax.quantizers import quantize_weight
 from gdnsq_jax.tracing import trace_layers
 
@@ -60,8 +64,6 @@ __all__ = [
 
 EXPORT_FORMAT = "gdnsq-jax-integer-export"
 EXPORT_VERSION = 1
-FLOAT_BITS = 32
-_TOLERANCE = 1e-6  # log2 of an integer level count vs an integer target
 _INT32_MAX = 2**31 - 1
 _FLOAT32_INTEGER_LIMIT = 2**23  # quantize_weight leaves larger codes unrounded
 
@@ -139,7 +141,7 @@ def _weight_codes(kernel, log2_step):
 
 
 def _activation_grid(quantizer):
-  """Step, clamps and level count of an input quantizer (spec 2.2).
+  """Step, clamps and level count of an input quantizer (docs/method.md §2.2).
 
   The clamps are computed as ``quantize_activation`` computes them, and
   ``levels - 1 = round((high - low) / s)`` is its largest possible code
@@ -200,8 +202,8 @@ def _quantized_layer(node, layer, arrays, entry):
     arrays["kernel"] = _f32(node["kernel"])
     entry.update(weight_bits=FLOAT_BITS, true_weight_bits=None)
     max_code = None
-  if qlayers.INPUT_QUANTIZER in node:
-    step, low, high, levels = _activation_grid(node[qlayers.INPUT_QUANTIZER])
+  if INPUT_QUANTIZER in node:
+    step, low, high, levels = _activation_grid(node[INPUT_QUANTIZER])
     arrays["activation_step"] = step
     arrays["activation_clamp_low"] = low
     arrays["activation_clamp_high"] = high
@@ -232,11 +234,11 @@ def _width_violations(entries, weight_bits, activation_bits):
     if not e["quantized"]:
       continue
     w, a = e["true_weight_bits"], e["true_activation_bits"]
-    if (weight_bits is not None and w is not None
-        and w > weight_bits + _TOLERANCE):
+    if (not is_float(weight_bits) and w is not None
+        and w > weight_bits + WIDTH_TOLERANCE):
       problems.append(f"{e['path']}: weight {w:.3f} bits > {weight_bits}")
-    if (activation_bits is not None and a is not None
-        and a > activation_bits + _TOLERANCE):
+    if (not is_float(activation_bits) and a is not None
+        and a > activation_bits + WIDTH_TOLERANCE):
       problems.append(
           f"{e['path']}: activation {a:.3f} bits > {activation_bits}")
   return problems
@@ -250,8 +252,8 @@ def export_model(
     input_dtype: Any = jnp.float32,
     apply_kwargs: Optional[Mapping[str, Any]] = None,
     fold_batch_norm: bool = False,
-    weight_bits: Optional[float] = None,
-    activation_bits: Optional[float] = None,
+    weight_bits: float = FLOAT_BITS,
+    activation_bits: float = FLOAT_BITS,
     activation_widths: Optional[Mapping[str, float]] = None,
     force: bool = False,
 ) -> IntegerExport:
@@ -265,11 +267,12 @@ def export_model(
     apply_kwargs: JSON-able keyword arguments of ``apply`` for inference
       (e.g. ``{'train': False}``); recorded in the manifest.
     fold_batch_norm: fold inference-mode BatchNorms into the preceding layer.
-    weight_bits: target weight width; layers above it are refused.
-    activation_bits: target activation width (None or >= 32: unchecked).
+    weight_bits: target weight width; layers above it are refused
+      (``>= FLOAT_BITS``, the default: unchecked).
+    activation_bits: target activation width (``>= FLOAT_BITS``: unchecked).
     activation_widths: measured true activation widths by quantizer path
       (``<layer>/input_quantizer``, e.g. from
-      :func:`gdnsq_jax.measure_activation_widths`, Decision D11); a layer
+      :func:`gdnsq_jax.measure_activation_widths`, docs/method.md D11); a layer
       without one is judged by its level count ``log2(levels)``.
     force: export despite widths above the targets (recorded in manifest).
 
@@ -293,8 +296,6 @@ def export_model(
         "qmodel.settings.enabled is False: its quantizers are the identity, "
         "so there are no integer codes to export; build the QuantizedModel "
         "with QuantSettings(enabled=True)")
-  if activation_bits is not None and activation_bits >= qlayers.DISABLED_BITS:
-    activation_bits = None
   variables = {k: v for k, v in variables.items() if k != qlayers.QUANT_STATS}
   traced = trace_layers(qmodel.model, variables, input_shape, input_dtype,
                         apply_kwargs)
@@ -311,7 +312,7 @@ def export_model(
     if entry["quantized"]:
       _quantized_layer(node, layer, own, entry)
       if activation_widths and entry["activation_levels"] is not None:
-        key = f"{layer.path}/{qlayers.INPUT_QUANTIZER}"
+        key = f"{layer.path}/{INPUT_QUANTIZER}"
         if key in activation_widths:
           entry["true_activation_bits"] = float(activation_widths[key])
     else:
@@ -358,7 +359,7 @@ def export_model(
   if violations and not force:
     raise NotConvergedError(
         "the run has not converged: true bit-widths exceed the targets "
-        f"(W{weight_bits} A{activation_bits or FLOAT_BITS}) in "
+        f"(W{weight_bits} A{activation_bits}) in "
         f"{len(violations)} place(s):\n  " + "\n  ".join(violations)
         + "\nTrain longer, or pass force=True (CLI: --force) to export anyway")
   other_bytes = int(sum(v.nbytes for v in others.values()))

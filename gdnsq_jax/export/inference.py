@@ -33,13 +33,13 @@ layer run Flax's float computation (the same ``lax`` call) on the
 dequantized / float operands. The result equals the fake-quant evaluation
 ``qmodel.apply(variables, x, train=False)`` up to float32 rounding, and a
 rare activation code flipping at a rounding tie because of it (see
-:mod:`gdnsq_jax.export_verification`).
+:mod:`gdnsq_jax.export.verification`).
 
 :func:`export_inference` lowers the integer function with ``jax.export``
 (batch size symbolic); :func:`serialize_inference` / :func:`load_inference`
 turn it into bytes and back. The exported function takes only the input:
 the packed codes and float parameters are *constants baked into* the
-StableHLO module (unpacked in-graph by :func:`gdnsq_jax.packing.
+StableHLO module (unpacked in-graph by :func:`gdnsq_jax.export.packing.
 unpack_codes_jax`), so the artifact is served without the arrays file or any
 of this package's Python code. (``jax.export`` serialization needs the
 ``flatbuffers`` package.)
@@ -55,9 +55,9 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from gdnsq_jax import packing
-from gdnsq_jax.export import ExportError
-from gdnsq_jax.export import IntegerExport
+from gdnsq_jax.export import packing
+from gdnsq_jax.export.exporter import ExportError
+from gdnsq_jax.export.exporter import IntegerExport
 
 __all__ = [
     "export_inference",

@@ -1,4 +1,4 @@
-"""Tests for gdnsq_jax.conv: equal to lax.conv_general_dilated, values and VJPs."""
+"""Tests for train.cpu_conv: equal to lax.conv_general_dilated, values and VJPs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from gdnsq_jax import conv
+from train import cpu_conv as conv
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _EXPLICIT = ((1, 1), (1, 1))
