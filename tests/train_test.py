@@ -125,6 +125,73 @@ class TrainProgramTest(absltest.TestCase):
     settings = train_lib.quant_settings(config)
     self.assertEqual((settings.method, settings.calibration_bits), ("lsq", 2))
 
+  def test_teacher_through_the_shared_loop_matches_a_plain_loop(self):
+    # train_fp runs the FP recipe through loop.run_steps (sharded step,
+    # logging, non-finite check); the variables are those of a bare loop.
+    shared = _Shared.setup()
+    config = tiny_setup.tiny_config(shared.tmp, weight_bits=32,
+                                    activation_bits=32)
+    dataset = train_lib.load_data(config)
+    model = train_lib.build_model(config, dataset.num_classes)
+    mesh = sharding.make_mesh()
+    sample = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
+    variables = model.init(jax.random.key(config.seed), sample, train=False)
+    tx = teacher_lib.fp_optimizer(config)
+    state = sharding.replicate(steps.create_state(
+        variables, tx, jax.tree.map(lambda _: True, variables["params"]),
+        jax.random.key_data(jax.random.key(config.seed + 1))), mesh)
+    step = jax.jit(steps.make_train_step(
+        model, tx, steps.make_task_loss(steps.LABELS, 1.0), quantized=False))
+    batches = input_pipeline.train_batches(
+        dataset, global_batch_size=config.data.batch_size, seed=config.seed)
+    for _ in range(config.teacher.num_steps):
+      state, _ = step(state, sharding.host_to_global(next(batches), mesh),
+                      None)
+    trained = checkpointing.restore_variables(
+        shared.teacher, teacher_lib.abstract_variables(model,
+                                                       dataset.image_shape))
+    chex.assert_trees_all_equal(
+        trained, jax.device_get({"params": state.params,
+                                 "batch_stats": state.batch_stats}))
+
+  def test_early_stopping_state_is_checkpointed_and_resumed(self):
+    # LSQ keeps its widths on target, so every validation is converged.
+    workdir = self.create_tempdir().full_path
+    config = _config(num_steps=40)
+    config.quant.method = "lsq"
+    config.train.early_stopping_patience = 2
+    first = train_lib.train_and_evaluate(config, workdir)
+    self.assertTrue(first["early_stopped"])
+    ck = checkpointing.StateCheckpointer(os.path.join(workdir, "checkpoints"))
+    stopped_at = ck.latest_step()
+    saved = ck.restore_raw(stopped_at)["early_stopping"]
+    ck.close()
+    self.assertEqual(first["steps"], stopped_at)
+    self.assertEqual(int(saved["patience_count"]), 2)
+    self.assertTrue(bool(saved["should_stop"]))
+    best_step = int(saved["best_step"])
+    self.assertEqual(first["selected_model"],
+                     f"best converged (step {best_step})")
+    self.assertTrue(os.path.isdir(os.path.join(workdir, "best",
+                                               str(best_step))))
+    # Running again continues from the stop with the restored count: the
+    # state after each validation is the rule replayed over the history.
+    train_lib.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+      history = [json.loads(l) for l in f]
+    self.assertEqual([h["step"] for h in history],
+                     list(range(4, history[-1]["step"] + 1, 4)))
+    self.assertGreater(history[-1]["step"], stopped_at)
+    replay = train_lib.make_early_stopping(config)
+    for h in history:
+      replay = replay.update(h["accuracy"], h["step"], h["converged"])
+    ck = checkpointing.StateCheckpointer(os.path.join(workdir, "checkpoints"))
+    resumed = ck.restore_raw(ck.latest_step())["early_stopping"]
+    ck.close()
+    self.assertEqual(
+        {k: np.asarray(v).item() for k, v in resumed.items()},
+        {k: np.asarray(getattr(replay, k)).item() for k in resumed})
+
   def test_teacher_warmup_longer_than_training_is_one_clear_error(self):
     config = tiny_setup.tiny_config(self.create_tempdir().full_path)
     config.teacher.num_steps = 100

@@ -1,4 +1,8 @@
-"""Evaluation: accuracy, loss, true activation widths (docs/method.md D11)."""
+"""Evaluation passes and validation (docs/method.md D11).
+
+:func:`evaluate`: accuracy, loss and true activation widths of one pass;
+:func:`validate`: that pass plus the model's width summary and convergence.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 from gdnsq_jax import bitwidths
 from train import input_pipeline
 from train import sharding
+from train import steps
 
 
 class EvalResult(NamedTuple):
@@ -62,3 +67,40 @@ def evaluate(
   return EvalResult(float(totals[0] / count), float(totals[1] / count),
                     int(totals[2]),
                     bitwidths.true_activation_widths(batch_stats))
+
+
+class Validation(NamedTuple):
+  """One validation pass with the widths it measured."""
+
+  result: EvalResult
+  summary: bitwidths.BitwidthSummary
+  converged: bool
+
+
+def validate(eval_step, state: steps.TrainState, dataset, split: str, *,
+             config, mesh, fixed_weight_bits=None) -> Validation:
+  """Evaluates ``state`` on ``split``; true widths and convergence.
+
+  Args:
+    eval_step: the jitted :func:`train.steps.make_eval_step`.
+    state: the train state (replicated).
+    dataset: the data.
+    split: ``validation`` or ``test``.
+    config: the run's config (batch size, width targets).
+    mesh: the device mesh.
+    fixed_weight_bits: cap of fixed-bit (LSQ) weight widths, or None.
+
+  Returns:
+    The evaluation, its :class:`BitwidthSummary` and whether it converged.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  result = evaluate(
+      eval_step, variables, dataset, split,
+      global_batch_size=config.data.eval_batch_size, mesh=mesh)
+  summary = bitwidths.summarize_bitwidths(
+      jax.device_get(state.params),
+      activation_widths=result.activation_widths,
+      fixed_weight_bits=fixed_weight_bits)
+  converged = bitwidths.is_converged(summary, config.quant.weight_bits,
+                                     config.quant.activation_bits)
+  return Validation(result, summary, converged)

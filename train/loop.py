@@ -4,7 +4,8 @@
 -> the jitted, sharded train step (:func:`compile_train_step`) -> at log
 steps one host read of the metrics, one non-finite check and the logs -> an
 ``after_step`` hook (validation, model selection, checkpoints). :func:`fit`
-is GDNSQ's use of it.
+is GDNSQ's use of it; validation is :func:`train.evaluation.validate`, its
+logs :func:`train.reporting.log_validation`.
 
 Convergence (docs/method.md §8.3, D11): right after each validation
 pass, the model is converged when the max true weight width <= W and the max
@@ -18,7 +19,6 @@ stopping follow the converged validation accuracy only
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
@@ -151,107 +151,6 @@ def run_steps(
   return loop_state, False
 
 
-def log_scalars(writer: reporting.MetricWriter, bar: reporting.ProgressBar,
-                step: int, metrics: dict[str, Any], prefix: str = "") -> None:
-  """TensorBoard scalars (``train/x`` renamed ``<prefix>x``) and the bar."""
-  if prefix:
-    metrics_out = {prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}
-  else:
-    metrics_out = metrics
-  writer.write_scalars(step, metrics_out)
-  bar.update(step, metrics)
-
-
-class Validation(NamedTuple):
-  """One validation pass with the widths it measured."""
-
-  result: evaluation.EvalResult
-  summary: bitwidths.BitwidthSummary
-  converged: bool
-
-
-def validate(eval_step, state: steps.TrainState, dataset, split: str, *,
-             config, mesh, fixed_weight_bits=None) -> Validation:
-  """Evaluates ``state`` on ``split``; true widths and convergence.
-
-  Args:
-    eval_step: the jitted :func:`train.steps.make_eval_step`.
-    state: the train state (replicated).
-    dataset: the data.
-    split: ``validation`` or ``test``.
-    config: the run's config (batch size, width targets).
-    mesh: the device mesh.
-    fixed_weight_bits: cap of fixed-bit (LSQ) weight widths, or None.
-
-  Returns:
-    The evaluation, its :class:`BitwidthSummary` and whether it converged.
-  """
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  result = evaluation.evaluate(
-      eval_step, variables, dataset, split,
-      global_batch_size=config.data.eval_batch_size, mesh=mesh)
-  summary = bitwidths.summarize_bitwidths(
-      jax.device_get(state.params),
-      activation_widths=result.activation_widths,
-      fixed_weight_bits=fixed_weight_bits)
-  converged = bitwidths.is_converged(summary, config.quant.weight_bits,
-                                     config.quant.activation_bits)
-  return Validation(result, summary, converged)
-
-
-def history_record(step: int, validation: Validation) -> dict[str, Any]:
-  """The ``history.jsonl`` record of a validation (widths, accuracy)."""
-  summary = validation.summary
-  return {
-      "step": int(step),
-      "weight_bits": {k: v[0] for k, v in summary.weight_layers.items()},
-      "activation_bits": dict(summary.activation_layers),
-      "accuracy": float(validation.result.accuracy),
-      "converged": bool(validation.converged),
-  }
-
-
-def read_history(path: str, up_to_step: int) -> list[dict[str, Any]]:
-  """The records of ``path`` up to ``up_to_step`` (a resumed run's past)."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if r["step"] <= up_to_step]
-
-
-def log_validation(writer: reporting.MetricWriter,
-                   bar: reporting.ProgressBar, step: int,
-                   validation: Validation,
-                   history_path: Optional[str]) -> dict[str, Any]:
-  """Scalars, progress bar and (if a path) a ``history.jsonl`` line.
-
-  Returns:
-    The history record.
-  """
-  result, summary, converged = validation
-  scalars = {
-      "val/accuracy": result.accuracy, "val/loss": result.loss,
-      "val/ns_accuracy": result.accuracy if converged else 0.0,
-      "val/converged": float(converged),
-      "bits/weight_max": summary.weight_max,
-      "bits/weight_mean": summary.weight_mean,
-      "bits/activation_max": summary.activation_max,
-      "bits/activation_mean": summary.activation_mean,
-  }
-  scalars.update({f"bits_layer/weight/{k}": v[0]
-                  for k, v in summary.weight_layers.items()})
-  scalars.update({f"bits_layer/activation/{k}": v
-                  for k, v in summary.activation_layers.items()})
-  writer.write_scalars(step, scalars)
-  bar.update(step, scalars)
-  record = history_record(step, validation)
-  if history_path:
-    with open(history_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-  return record
-
-
 def with_data_position(loop_state: LoopState,
                        position: input_pipeline.DataPosition,
                        mesh: jax.sharding.Mesh) -> LoopState:
@@ -286,11 +185,12 @@ def _after_gdnsq_step(run: _Run, step: int, loop_state: LoopState
   c = run.config.train
   stop = False
   if step % c.eval_every_steps == 0 or step == c.num_steps:
-    v = validate(run.eval_step, loop_state.train, run.dataset, "validation",
-                 config=run.config, mesh=run.mesh,
-                 fixed_weight_bits=run.fixed_weight_bits)
-    run.history.append(log_validation(run.writer, run.bar, step, v,
-                                      run.history_path))
+    v = evaluation.validate(
+        run.eval_step, loop_state.train, run.dataset, "validation",
+        config=run.config, mesh=run.mesh,
+        fixed_weight_bits=run.fixed_weight_bits)
+    run.history.append(reporting.log_validation(
+        run.writer, run.bar, step, v, run.history_path))
     es = run.update_stopping(loop_state.early_stopping, v.result.accuracy,
                              step, v.converged)
     converged = jax.device_put(jnp.asarray(v.converged),
@@ -312,9 +212,62 @@ def _after_gdnsq_step(run: _Run, step: int, loop_state: LoopState
   return loop_state, stop
 
 
+def select_model(best: checkpointing.StateCheckpointer,
+                 loop_state: LoopState, mesh: jax.sharding.Mesh
+                 ) -> tuple[steps.TrainState, str]:
+  """The best converged train state if one was saved, else the final one.
+
+  Returns:
+    The replicated train state and how it was selected (for results.json).
+  """
+  step = best.latest_step()
+  if step is None:
+    return loop_state.train, "final"
+  restored = best.restore(step, loop_state)
+  return (sharding.replicate(restored.train, mesh),
+          f"best converged (step {step})")
+
+
+def evaluate_selected(eval_step, state: steps.TrainState, dataset, *,
+                      config, mesh, fixed_weight_bits=None):
+  """Validation and test of the selected model and their joint widths.
+
+  Returns:
+    ``(validation, test, summary)``: the two
+    :class:`train.evaluation.Validation` passes and the
+    :class:`BitwidthSummary` whose activation widths are the larger of the
+    two passes' (docs/method.md D11).
+  """
+  val, test = (
+      evaluation.validate(eval_step, state, dataset, split, config=config,
+                          mesh=mesh, fixed_weight_bits=fixed_weight_bits)
+      for split in ("validation", "test"))
+  widths = {k: max(v, test.result.activation_widths.get(k, 0.0))
+            for k, v in val.result.activation_widths.items()}
+  summary = bitwidths.summarize_bitwidths(jax.device_get(state.params),
+                                          activation_widths=widths,
+                                          fixed_weight_bits=fixed_weight_bits)
+  return val, test, summary
+
+
 def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
         dataset, mesh, writer, checkpoints, best, workdir):
-  """Trains until ``config.train.num_steps`` or early stopping.
+  """GDNSQ (or LSQ) training until ``config.train.num_steps`` or early stop.
+
+  :func:`run_steps` with :func:`_after_gdnsq_step`, a final checkpoint, then
+  :func:`select_model` and :func:`evaluate_selected`.
+
+  Args:
+    config: the run's config.
+    qmodel: the quantized model; ``teacher_model`` / ``teacher_variables``
+      the FP teacher (unused when ``config.distill.loss`` is labels).
+    loop_state: where to start (fresh, or restored from ``checkpoints``).
+    tx: the optimizer the state was built with.
+    dataset: the data.
+    mesh: the device mesh.
+    writer: TensorBoard scalars.
+    checkpoints: the latest states; ``best`` the best converged one.
+    workdir: for ``history.jsonl`` and ``bitwidth_dynamics.png``.
 
   Returns:
     Results (accuracies of the selected model, widths, steps) and, under
@@ -353,7 +306,7 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
                               out_shardings=sharding.replicated(mesh)),
       dataset=dataset, mesh=mesh, writer=writer, bar=bar, batches=batches,
       checkpoints=checkpoints, best=best,
-      history=read_history(history_path, step) if main else [],
+      history=reporting.read_history(history_path, step) if main else [],
       history_path=history_path if main else None,
       fixed_weight_bits=fixed_weight_bits)
   start = time.time()
@@ -361,7 +314,7 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
       train_step, loop_state, batches, teacher_variables, mesh=mesh,
       num_steps=c.num_steps,
       log_every=(c.log_every_steps, c.eval_every_steps),
-      log=functools.partial(log_scalars, writer, bar),
+      log=functools.partial(reporting.log_scalars, writer, bar),
       fix="Lower config.optim.learning_rate or check the data",
       checkpoints=checkpoints,
       after_step=functools.partial(_after_gdnsq_step, run))
@@ -373,23 +326,10 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   bar.close()
   train_time = time.time() - start
 
-  # Report the best converged model; if none converged, the final one.
-  selected = "final"
-  state = loop_state.train
-  if best.latest_step() is not None:
-    restored = best.restore(best.latest_step(), loop_state)
-    state = sharding.replicate(restored.train, mesh)
-    selected = f"best converged (step {best.latest_step()})"
-  val = validate(eval_step, state, dataset, "validation", config=config,
-                 mesh=mesh, fixed_weight_bits=fixed_weight_bits)
-  test = validate(eval_step, state, dataset, "test", config=config,
-                  mesh=mesh, fixed_weight_bits=fixed_weight_bits)
-  # docs/method.md D11 over both passes: the larger width of each quantizer.
-  widths = {k: max(v, test.result.activation_widths.get(k, 0.0))
-            for k, v in val.result.activation_widths.items()}
-  summary = bitwidths.summarize_bitwidths(jax.device_get(state.params),
-                                          activation_widths=widths,
-                                          fixed_weight_bits=fixed_weight_bits)
+  state, selected = select_model(best, loop_state, mesh)
+  val, test, summary = evaluate_selected(
+      eval_step, state, dataset, config=config, mesh=mesh,
+      fixed_weight_bits=fixed_weight_bits)
   if main:
     reporting.plot_bitwidth_dynamics(
         run.history, os.path.join(workdir, "bitwidth_dynamics.png"),

@@ -1,4 +1,7 @@
-"""Console progress, TensorBoard scalars, bit-width tables, results and plots.
+"""Console progress, TensorBoard scalars, history, bit-width tables and plots.
+
+The loop's logs: :func:`log_scalars` (train metrics at log steps) and
+:func:`log_validation` (validation scalars and a ``history.jsonl`` record).
 
 Only process 0 writes anything; the other processes get no-op writers.
 """
@@ -15,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from gdnsq_jax import bitwidths
+from train import evaluation
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -97,6 +101,70 @@ class ProgressBar:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def log_scalars(writer: MetricWriter, bar: ProgressBar,
+                step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+  """TensorBoard scalars (``train/x`` renamed ``<prefix>x``) and the bar."""
+  if prefix:
+    metrics_out = {prefix + k.split("/", 1)[1]: v for k, v in metrics.items()}
+  else:
+    metrics_out = metrics
+  writer.write_scalars(step, metrics_out)
+  bar.update(step, metrics)
+
+
+def history_record(step: int, validation: evaluation.Validation
+                   ) -> dict[str, Any]:
+  """The ``history.jsonl`` record of a validation (widths, accuracy)."""
+  summary = validation.summary
+  return {
+      "step": int(step),
+      "weight_bits": {k: v[0] for k, v in summary.weight_layers.items()},
+      "activation_bits": dict(summary.activation_layers),
+      "accuracy": float(validation.result.accuracy),
+      "converged": bool(validation.converged),
+  }
+
+
+def read_history(path: str, up_to_step: int) -> list[dict[str, Any]]:
+  """The records of ``path`` up to ``up_to_step`` (a resumed run's past)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if r["step"] <= up_to_step]
+
+
+def log_validation(writer: MetricWriter, bar: ProgressBar, step: int,
+                   validation: evaluation.Validation,
+                   history_path: Optional[str]) -> dict[str, Any]:
+  """Scalars, progress bar and (if a path) a ``history.jsonl`` line.
+
+  Returns:
+    The history record.
+  """
+  result, summary, converged = validation
+  scalars = {
+      "val/accuracy": result.accuracy, "val/loss": result.loss,
+      "val/ns_accuracy": result.accuracy if converged else 0.0,
+      "val/converged": float(converged),
+      "bits/weight_max": summary.weight_max,
+      "bits/weight_mean": summary.weight_mean,
+      "bits/activation_max": summary.activation_max,
+      "bits/activation_mean": summary.activation_mean,
+  }
+  scalars.update({f"bits_layer/weight/{k}": v[0]
+                  for k, v in summary.weight_layers.items()})
+  scalars.update({f"bits_layer/activation/{k}": v
+                  for k, v in summary.activation_layers.items()})
+  writer.write_scalars(step, scalars)
+  bar.update(step, scalars)
+  record = history_record(step, validation)
+  if history_path:
+    with open(history_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+  return record
 
 
 def format_bitwidth_table(

@@ -80,7 +80,8 @@ def train_fp(
       train_step, sharding.replicate(loop.LoopState.initial(state), mesh),
       batches, None, mesh=mesh, num_steps=num_steps,
       log_every=(config.train.log_every_steps,),
-      log=functools.partial(loop.log_scalars, writer, bar, prefix="teacher/"),
+      log=functools.partial(reporting.log_scalars, writer, bar,
+                            prefix="teacher/"),
       fix="The FP teacher diverged: lower config.teacher.learning_rate")
   bar.close()
   logging.info("FP teacher: %d steps in %.1f s", num_steps,
