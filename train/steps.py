@@ -1,10 +1,14 @@
-"""The train state and the pure train / eval steps (jitted by train_lib).
+"""The train state and the pure train / eval steps (jitted by their callers).
 
 One ``train_step(state, batch, teacher_variables)``: the teacher is an
 argument, evaluated under ``stop_gradient`` and never donated or stored in
 the state, so it is neither differentiated nor checkpointed with the student.
 The dither key of step ``k`` is ``fold_in(state.rng, k)``, so a resumed run
 draws the same noise as an uninterrupted one.
+
+:func:`train.loop.compile_train_step` jits the train step with its shardings
+(GDNSQ and the FP teacher); :func:`train.loop.fit` and
+:func:`train.teacher.evaluate_fp` jit the eval step.
 """
 
 from __future__ import annotations
