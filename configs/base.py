@@ -62,6 +62,15 @@ def get_config(
   c.data.batch_size = 64  # Global batch over all devices and hosts.
   c.data.eval_batch_size = 500  # Global eval batch.
   c.data.calibration_batches = 4  # Train batches (no augmentation) to calibrate.
+  # Grain worker processes reading and augmenting batches; 0 = in-process;
+  # -1 = input_pipeline.default_workers: one per CPU core for splits decoded
+  # per batch (ImageNet), 0 for splits held in memory.
+  c.data.workers = -1
+  c.data.prefetch = 2  # Batches placed on the devices ahead of the step.
+  # Keep the uint8 train set on the devices, shuffle / augment in jit
+  # (train/device_data.py): on | off | auto (on for in-memory train sets of
+  # at most 150 MB on GPU / TPU; off on CPU and for ImageNet).
+  c.data.device_resident = "auto"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "digits_resnet"  # digits_resnet | resnet20 | resnet18

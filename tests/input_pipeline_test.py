@@ -1,17 +1,20 @@
-"""Tests of train/input_pipeline.py: sources, splits, augmented batches."""
+"""Tests of train/input_pipeline.py: the grain train and eval pipelines."""
 
 from __future__ import annotations
 
-import importlib.resources
+import io
 import os
 import shutil
 import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import numpy as np
 
+from train import data_sources
 from train import input_pipeline as ip
+from train import sharding
 
 
 def _tempdir(test: absltest.TestCase) -> str:
@@ -29,46 +32,6 @@ def _write_npz(directory, count=103, height=6, width=5, channels=None):
   np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8),
            labels=np.arange(count))
   return path
-
-
-class DigitsTest(absltest.TestCase):
-
-  def test_embedded_dataset_shapes_and_disjoint_validation(self):
-    ds = ip.load_dataset("digits")
-    self.assertEqual((ds.num_classes, ds.image_shape), (10, (28, 28, 1)))
-    self.assertEqual((len(ds.train), len(ds.validation), len(ds.test)),
-                     (7200, 800, 2000))
-    for split in (ds.train, ds.validation, ds.test):
-      self.assertEqual(split.images.dtype, np.uint8)
-      self.assertEqual(split.labels.dtype, np.int32)
-      self.assertEqual(split.images.shape[1:], (28, 28, 1))
-    self.assertEqual(set(np.unique(ds.test.labels)), set(range(10)))
-    ref = importlib.resources.files("train").joinpath("data/mnist10k.npz")
-    with ref.open("rb") as f:
-      original = np.load(f)["train_images"]
-    rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
-    train, validation = rows(ds.train.images), rows(ds.validation.images)
-    self.assertEmpty(train & validation)
-    self.assertEqual(train | validation, rows(original))
-    self.assertEqual(ds.mean, (0.1307,))
-
-  def test_validation_carve_is_seeded(self):
-    a, b = ip.load_dataset("digits", seed=3), ip.load_dataset("digits", seed=3)
-    c = ip.load_dataset("digits", seed=4, validation_size=0.25)
-    np.testing.assert_array_equal(a.validation.labels, b.validation.labels)
-    self.assertEqual(len(c.validation), 2000)
-    self.assertFalse(
-        np.array_equal(a.validation.images, c.validation.images[:800]))
-
-  def test_errors_name_the_bad_value(self):
-    with self.assertRaisesRegex(ValueError, "'cifar11'.*cifar10, cifar100"):
-      ip.load_dataset("cifar11")
-    with self.assertRaisesRegex(ValueError,
-                                r"validation_size 8000 .*\[0, 8000\)"):
-      ip.load_dataset("digits", validation_size=8000)
-    with self.assertRaisesRegex(ValueError,
-                                "'random_resized_crop' does not fit"):
-      ip.load_dataset("digits", augmentation="random_resized_crop")
 
 
 class AugmentTest(absltest.TestCase):
@@ -169,39 +132,96 @@ class BatchingTest(parameterized.TestCase):
       ip.eval_batches(self.ds, "val", global_batch_size=8)  # Eager error.
 
 
-class NpzTest(absltest.TestCase):
 
-  def test_images_labels_round_trip_adds_channel(self):
-    directory = _tempdir(self)
-    path = _write_npz(directory, count=50)
-    with np.load(path) as arrays:
-      images = arrays["images"]
-    ds = ip.load_dataset(path, validation_size=10)
-    self.assertEqual((ds.image_shape, ds.num_classes), ((6, 5, 1), 50))
-    self.assertEqual((len(ds.train), len(ds.validation), len(ds.test)),
-                     (40, 10, 0))
-    back = np.concatenate([ds.train.images, ds.validation.images])
-    order = np.concatenate([ds.train.labels, ds.validation.labels])
-    np.testing.assert_array_equal(back[np.argsort(order)], images[..., None])
-    np.testing.assert_allclose(ds.mean, [ds.train.images.mean() / 255],
-                               rtol=1e-6)
-    self.assertEmpty(list(ip.eval_batches(ds, "test", global_batch_size=8)))
+def _jpeg_split(count=12):
+  """A LazySplit of JPEG-bytes records, as ImageNet is read (uneven sizes)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  def test_train_test_arrays_and_bad_dtype(self):
-    directory = _tempdir(self)
-    images = np.full((4, 3, 3, 2), 9, np.uint8)
-    path = os.path.join(directory, "tt.npz")
-    np.savez(path, train_images=images, train_labels=[0, 1, 2, 3],
-             test_images=images[:2], test_labels=[5, 1])
-    ds = ip.load_dataset(path, validation_size=1)
-    self.assertEqual((len(ds.train), len(ds.test), ds.num_classes), (3, 2, 6))
-    np.testing.assert_array_equal(ds.test.labels, [5, 1])
-    bad = os.path.join(directory, "bad.npz")
-    np.savez(bad, images=np.zeros((2, 3, 3), np.float32), labels=[0, 1])
-    with self.assertRaisesRegex(ValueError, "must be uint8 NHWC or NHW"):
-      ip.load_dataset(bad)
-    with self.assertRaises(ip.DatasetNotFoundError):
-      ip.load_dataset(os.path.join(directory, "absent.npz"))
+  rng = np.random.default_rng(3)
+  records = []
+  for i in range(count):
+    height, width = 20 + i, 28 - i % 5
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                    ).save(buf, "JPEG")
+    records.append({"image": buf.getvalue(), "label": i})
+  split = data_sources.LazySplit(records, np.arange(count))
+  return data_sources.Dataset(
+      "jpegs", split, split.subset(np.arange(4)), split.subset(np.arange(5)),
+      1000, (16, 16, 3), data_sources.IMAGENET_MEAN,
+      data_sources.IMAGENET_STD, "random_resized_crop")
+
+
+class GrainPipelineTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.ds = ip.load_dataset(_write_npz(_tempdir(self)), validation_size=0,
+                              augmentation="shift")
+
+  def test_worker_processes_give_the_same_stream(self):
+    inline = ip.train_batches(self.ds, global_batch_size=16, seed=3,
+                              position=(1, 4))
+    with ip.train_batches(self.ds, global_batch_size=16, seed=3,
+                          position=(1, 4), workers=2) as workers:
+      for _ in range(5):  # crosses into epoch 2
+        want, got = next(inline), next(workers)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+      self.assertEqual(workers.position, inline.position)
+      self.assertEqual(workers.position, ip.DataPosition(2, 3))
+    inline.close()
+
+  def test_lazy_jpeg_split_in_a_worker_matches_in_process(self):
+    ds = _jpeg_split()
+    with ip.train_batches(ds, global_batch_size=4, seed=1) as inline:
+      want = [next(inline) for _ in range(4)]
+    with ip.train_batches(ds, global_batch_size=4, seed=1,
+                          workers=1) as worker:
+      got = [next(worker) for _ in range(4)]
+    for a, b in zip(want, got):
+      self.assertEqual(a["image"].shape, (4, 16, 16, 3))
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+    masks = [b["mask"] for b in ip.eval_batches(ds, "test",
+                                                global_batch_size=4)]
+    self.assertEqual([int(m.sum()) for m in masks], [4, 1])
+
+  def test_mesh_batches_are_global_sharded_and_normalised_on_devices(self):
+    mesh = sharding.make_mesh()
+    host = next(ip.train_batches(self.ds, global_batch_size=32, seed=2))
+    with ip.train_batches(self.ds, global_batch_size=32, seed=2,
+                          mesh=mesh) as batches:
+      placed = next(batches)
+      self.assertEqual(batches.position, ip.DataPosition(0, 1))
+    self.assertEqual(placed["image"].sharding, sharding.batch_sharding(mesh))
+    self.assertLen(placed["image"].sharding.device_set, jax.device_count())
+    self.assertEqual(placed["image"].dtype, np.float32)
+    np.testing.assert_allclose(np.asarray(placed["image"]), host["image"],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(placed["label"]), host["label"])
+    evals = list(ip.eval_batches(self.ds, "train", global_batch_size=64,
+                                 mesh=mesh))
+    self.assertLen(evals, 2)
+    self.assertEqual(int(np.asarray(evals[1]["mask"]).sum()), 103 - 64)
+
+  def test_position_counts_returned_batches_not_prefetched_ones(self):
+    with ip.train_batches(self.ds, global_batch_size=32, prefetch=2) as it:
+      next(it)
+      self.assertEqual(it.position, ip.DataPosition(0, 1))
+      next(it), next(it)
+      self.assertEqual(it.position, ip.DataPosition(1, 0))
+
+  def test_eval_padding_repeats_a_real_example(self):
+    (*_, last) = ip.eval_batches(self.ds, "train", global_batch_size=48,
+                                 process_index=1, process_count=2)
+    # Global rows 96..143 of 103: process 1 holds 120..143, all padding.
+    self.assertFalse(last["mask"].any())
+    np.testing.assert_array_equal(last["label"], np.full(24, 96))
+
+  def test_default_workers(self):
+    self.assertEqual(ip.default_workers(self.ds), 0)
+    self.assertBetween(ip.default_workers(_jpeg_split()), 1, 16)
 
 
 if __name__ == "__main__":

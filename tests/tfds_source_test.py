@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from train import input_pipeline as ip
+from train import data_sources
 from train import tfds_source
 
 
@@ -37,8 +38,8 @@ def _write_prepared(name, data_dir, splits, file_format="array_record"):
 class TfdsTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ("cifar10", (32, 32, 3), ip.CIFAR10_MEAN, ip.CIFAR10_STD),
-      ("mnist", (28, 28, 1), ip.MNIST_MEAN, ip.MNIST_STD),
+      ("cifar10", (32, 32, 3), data_sources.CIFAR10_MEAN, data_sources.CIFAR10_STD),
+      ("mnist", (28, 28, 1), data_sources.MNIST_MEAN, data_sources.MNIST_STD),
   )
   def test_mocked_array_record_dataset(self, name, shape, mean, std):
     data_dir = _tempdir(self)

@@ -1,125 +1,61 @@
-"""Image classification data: sources, splits, host-side augmentation, batches.
+"""Train and eval batches as grain pipelines over :mod:`train.data_sources`.
 
 Use: ``ds = load_dataset(name)``; ``it = train_batches(ds, global_batch_size=
-...)`` (checkpoint ``it.position``, pass it back as ``position=`` to resume);
-``eval_batches(ds, 'validation', global_batch_size=...)``.
+..., seed=..., position=..., workers=..., mesh=...)`` (checkpoint
+``it.position``, pass it back as ``position=`` to resume; ``it.close()``);
+``eval_batches(ds, 'validation', global_batch_size=..., mesh=...)``.
 
-Sources: ``digits`` (default; 10,000 real MNIST digits embedded in
-``train/data/mnist10k.npz``, see ``NOTICE.md`` there); a ``.npz`` path with
-``train_images/train_labels/test_images/test_labels`` or ``images/labels``
-(empty test split), images uint8 NHWC or NHW; prepared TFDS ``cifar10``,
-``cifar100``, ``mnist`` (decoded into memory) and ``imagenet2012`` (read
-lazily), see :mod:`train.tfds_source`. Nothing is downloaded: absent data
-raises :class:`DatasetNotFoundError` naming the command that prepares it.
+Train pipeline: example positions ``MapDataset.range(N)`` -> ``shuffle``
+(seeded by ``seed``, reshuffled every epoch) -> ``batch`` of the global
+batch (the epoch's remainder dropped) -> ``repeat`` -> :class:`ReadRows`
+(this process's rows of the global batch) -> the augmentation of
+:mod:`train.augmentation` -> normalisation. Every element is a whole global
+batch, so element ``k`` is ``epoch * steps_per_epoch + batch``, resuming is
+slicing at ``k``, and the output does not depend on the number of worker
+processes (``mp_prefetch``) or of JAX processes (each reads its rows; random
+draws are made for the whole global batch). Eval: positions in order ->
+``batch`` -> :class:`ReadRows` with padding -> resizing (ImageNet) ->
+normalisation.
 
-Splits (Decision D9): ``train``; ``validation``, a seeded hold-out of the
-official train split, for checkpoint selection; ``test``, the official test
-split (ImageNet: its ``validation`` split), only reported.
-
-Preprocessing (method spec section 10): :mod:`train.augmentation`.
-
-Determinism (D10): epoch ``e`` is ordered by ``default_rng((seed, 0, e))``;
-global batch ``b`` is augmented from ``default_rng((seed, 1, e, b))`` drawn
-for the whole global batch, so ``(epoch, batch)`` restarts the stream exactly
-and the processes' slices tile the single-process batch.
+Given a ``mesh``, batches are placed with the batch ``NamedSharding`` (uint8)
+and normalised there, and a thread keeps ``prefetch`` of them ready: batch
+``k + 1`` is read, moved and normalised while step ``k`` runs. A train set
+kept on the devices instead: :mod:`train.device_data`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import math
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+import functools
+import os
+import signal
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
+from absl import flags
+import grain
 import jax
 import numpy as np
 
-from train import tfds_source
-from train.augmentation import apply_augmentation
+from train import sharding
+from train.augmentation import AugmentRows
 from train.augmentation import augment
-from train.augmentation import AUGMENTATIONS
-from train.augmentation import draw_augmentation
+from train.augmentation import ImagenetCrop
 from train.augmentation import normalize
-from train.augmentation import preprocess_imagenet
-from train.tfds_source import DatasetFormatError
-from train.tfds_source import DatasetNotFoundError
-from train.tfds_source import LazySplit
+from train.augmentation import Normalize
+from train.data_sources import ArraySplit
+from train.data_sources import Dataset
+from train.data_sources import DatasetFormatError
+from train.data_sources import DatasetNotFoundError
+from train.data_sources import LazySplit
+from train.data_sources import load_dataset
+from train.data_sources import SPLITS
 
 __all__ = [
-    "ArraySplit", "DataPosition", "Dataset", "DatasetFormatError",
-    "DatasetNotFoundError", "LazySplit", "TrainIterator", "augment",
-    "eval_batches", "load_dataset", "normalize", "train_batches",
+    "ArraySplit", "Batches", "DataPosition", "Dataset", "DatasetFormatError",
+    "DatasetNotFoundError", "LazySplit", "ReadRows", "SPLITS", "augment",
+    "default_workers", "eval_batches", "load_dataset", "normalize",
+    "train_batches",
 ]
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2557, 0.2761)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SPLITS = ("train", "validation", "test")
-_SHUFFLE, _AUGMENT = 0, 1  # Salts that keep the random streams apart.
-
-
-class _Spec(NamedTuple):
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  augmentation: str
-  validation_size: int
-  num_classes: int
-  test_split: str = "test"
-
-
-_SPECS = {
-    "digits": _Spec(MNIST_MEAN, MNIST_STD, "shift", 800, 10),
-    "mnist": _Spec(MNIST_MEAN, MNIST_STD, "shift", 5000, 10),
-    "cifar10": _Spec(CIFAR10_MEAN, CIFAR10_STD, "crop_flip", 5000, 10),
-    "cifar100": _Spec(CIFAR100_MEAN, CIFAR100_STD, "crop_flip", 5000, 100),
-    "imagenet2012": _Spec(IMAGENET_MEAN, IMAGENET_STD, "random_resized_crop",
-                          10000, 1000, "validation"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySplit:
-  """A split held in memory: ``images`` uint8 (N, H, W, C), ``labels`` int32."""
-
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-
-Split = Union[ArraySplit, LazySplit]
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A loaded dataset.
-
-  Attributes:
-    name: source name (``digits``, ``cifar10``, ..., or the npz path).
-    train, validation, test: the splits (Decision D9).
-    num_classes: number of classes; labels are in ``[0, num_classes)``.
-    image_shape: ``(H, W, C)`` of the batches' images.
-    mean, std: per-channel normalisation of images scaled to [0, 1].
-    augmentation: train augmentation, one of :data:`AUGMENTATIONS`.
-  """
-
-  name: str
-  train: Split
-  validation: Split
-  test: Split
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  augmentation: str
-
-  def split(self, name: str) -> Split:
-    """The split called ``name`` (one of :data:`SPLITS`)."""
-    if name not in SPLITS:
-      raise ValueError(f"unknown split {name!r}; choose one of: {SPLITS}")
-    return getattr(self, name)
 
 
 class DataPosition(NamedTuple):
@@ -129,154 +65,46 @@ class DataPosition(NamedTuple):
   batch: int
 
 
-def load_dataset(
-    name: str,
-    *,
-    data_dir: Optional[str] = None,
-    validation_size: Union[int, float, None] = None,
-    seed: int = 0,
-    augmentation: Optional[str] = None,
-    image_size: int = 224,
-) -> Dataset:
-  """Loads a dataset and carves the validation split from its train split.
+def default_workers(dataset: Dataset) -> int:
+  """Worker processes for ``config.data.workers = -1``.
 
-  Args:
-    name: ``digits``, ``mnist``, ``cifar10``, ``cifar100``, ``imagenet2012``
-      or a path to a ``.npz`` file.
-    data_dir: TFDS data directory (default: TFDS's, ``~/tensorflow_datasets``).
-    validation_size: examples held out of train for validation; an int count
-      or a fraction in (0, 1). Default: 800 (digits), 5000 (mnist, cifar),
-      10000 (imagenet2012), 10% (npz).
-    seed: seed of the hold-out choice.
-    augmentation: override of the train augmentation (:data:`AUGMENTATIONS`).
-    image_size: ImageNet crop side (resize side is ``image_size * 256/224``).
-
-  Returns:
-    The :class:`Dataset`.
-
-  Raises:
-    DatasetNotFoundError: the data is absent (names the prepare command).
-    DatasetFormatError: TFRecord data without TensorFlow installed.
-    ValueError: unknown name, bad validation size or augmentation.
+  Splits decoded per batch (ImageNet JPEGs) get one worker per CPU core the
+  process may use (at most 16); splits held in memory get 0: their batches
+  are one vectorised gather + augmentation, cheaper in-process than the
+  hand-off from a worker (see ``bench/input_pipeline.py``).
   """
-  if name.endswith(".npz"):
-    try:
-      with np.load(name) as arrays:
-        train, test = _npz_splits(arrays, name)
-    except FileNotFoundError:
-      raise DatasetNotFoundError(f"no npz file at {name!r}") from None
-    num_classes = int(max(train.labels.max(), test.labels.max(initial=0))) + 1
-    spec = _Spec((), (), "none", len(train) // 10, num_classes)
-  elif name == "digits":
-    ref = importlib.resources.files(__package__).joinpath("data/mnist10k.npz")
-    with ref.open("rb") as f:
-      train, test = _npz_splits(np.load(f), str(ref))
-    spec = _SPECS[name]
-  elif name in _SPECS:
-    spec = _SPECS[name]
-    splits = ("train", spec.test_split)
-    if name == "imagenet2012":  # Too large for memory: read lazily.
-      train, test = tfds_source.lazy_splits(name, data_dir, splits)
-    else:
-      train, test = (ArraySplit(*arrays) for arrays
-                     in tfds_source.decoded_arrays(name, data_dir, splits))
-  else:
-    raise ValueError(
-        f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_SPECS))}"
-        ", or a path to a .npz file"
-    )
-  augmentation = augmentation or spec.augmentation
-  if augmentation not in AUGMENTATIONS or (
-      (augmentation == "random_resized_crop") != isinstance(train, LazySplit)
-  ):
-    raise ValueError(
-        f"augmentation {augmentation!r} does not fit dataset {name!r}; choose"
-        " one of: crop_flip, none, shift (random_resized_crop: imagenet2012)"
-    )
-  count = spec.validation_size if validation_size is None else validation_size
-  if isinstance(count, float) and 0 < count < 1:
-    count = int(round(count * len(train)))
-  if not isinstance(count, int) or not 0 <= count < len(train):
-    raise ValueError(
-        f"validation_size {validation_size!r} must be an int in [0, "
-        f"{len(train)}) or a fraction in (0, 1) for dataset {name!r}"
-    )
-  order = np.random.default_rng(seed).permutation(len(train))
-  held, kept = np.sort(order[:count]), np.sort(order[count:])
-  if isinstance(train, LazySplit):
-    validation, train = train.subset(held), train.subset(kept)
-    shape = (image_size, image_size, 3)
-  else:
-    validation = ArraySplit(train.images[held], train.labels[held])
-    train = ArraySplit(train.images[kept], train.labels[kept])
-    shape = train.images.shape[1:]
-  mean, std = (spec.mean, spec.std) if spec.mean else _channel_stats(train)
-  return Dataset(name, train, validation, test, spec.num_classes,
-                 tuple(shape), mean, std, augmentation)
+  if not isinstance(dataset.train, LazySplit):
+    return 0
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  return max(1, min(cores, 16))
 
 
-def _npz_splits(arrays, where: str) -> tuple[ArraySplit, ArraySplit]:
-  """Train/test ArraySplits from an npz mapping (see module docstring)."""
-  if "train_images" in arrays:
-    keys = ("train_images", "train_labels", "test_images", "test_labels")
-  elif "images" in arrays:
-    keys = ("images", "labels")
-  else:
-    raise ValueError(
-        f"{where} holds arrays {sorted(arrays.keys())}; expected images/labels "
-        "or train_images/train_labels/test_images/test_labels"
-    )
-  splits = []
-  for images_key, labels_key in zip(keys[::2], keys[1::2]):
-    images, labels = arrays[images_key], arrays[labels_key]
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-      raise ValueError(
-          f"{where}: {images_key} must be uint8 NHWC or NHW, got "
-          f"{images.dtype} {images.shape}; convert with "
-          "np.round(x * 255).astype(np.uint8)"
-      )
-    images = images[..., None] if images.ndim == 3 else images
-    splits.append(ArraySplit(images, labels.astype(np.int32).reshape(-1)))
-  if len(splits) == 1:  # images/labels only: everything is train.
-    empty = splits[0].images[:0]
-    splits.append(ArraySplit(empty, np.zeros((0,), np.int32)))
-  return splits[0], splits[1]
+@dataclasses.dataclass(frozen=True)
+class ReadRows(grain.transforms.Map):
+  """Grain transform: this process's rows of a global batch of positions.
 
-
-def _channel_stats(split: ArraySplit) -> tuple[tuple[float, ...], ...]:
-  """Per-channel mean and std (floored at 1e-3) of the train images."""
-  x = split.images.reshape(-1, split.images.shape[-1]) / 255.0
-  return tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-3).tolist())
-
-
-def _load_batch(dataset, split, positions, train, seed=0, epoch=0, batch=0,
-                first=0, global_count=0) -> dict[str, np.ndarray]:
-  """Images and labels of ``positions`` of ``split``, preprocessed.
-
-  ``first``/``global_count`` place these rows in the global batch so that the
-  augmentation drawn for the global batch is sliced consistently.
+  Reads rows ``[first, first + count)`` of the batch from ``split``. With
+  ``pad`` (evaluation), a short final batch is completed with copies of the
+  global batch's first example and ``mask`` marks the real rows: every
+  process has ``count`` rows, and padding leaves activation ranges as they
+  are.
   """
-  key = (seed, _AUGMENT, epoch, batch)
-  if isinstance(split, ArraySplit):
-    images, labels = split.images[positions], split.labels[positions]
-    if train:
-      offsets, flips = draw_augmentation(
-          dataset.augmentation, np.random.default_rng(key), global_count)
-      rows = slice(first, first + len(positions))
-      images = apply_augmentation(
-          dataset.augmentation, images, offsets[rows], flips[rows])
-  else:
-    examples = split.records(positions)
-    labels = np.asarray([e["label"] for e in examples], np.int32)
-    images = np.zeros((len(examples),) + dataset.image_shape, np.uint8)
-    for row, example in enumerate(examples):
-      rng = np.random.default_rng(key + (first + row,))
-      images[row] = preprocess_imagenet(
-          example["image"], dataset.image_shape[0], train, rng)
-  return {
-      "image": normalize(images, dataset.mean, dataset.std),
-      "label": labels.astype(np.int32),
-  }
+
+  split: Any  # ArraySplit | LazySplit
+  first: int
+  count: int
+  pad: bool = False
+
+  def map(self, positions: np.ndarray) -> dict[str, Any]:
+    positions = np.asarray(positions)
+    mine = positions[self.first:self.first + self.count]
+    if not self.pad:
+      return self.split.read(mine)
+    padding = np.repeat(positions[:1], self.count - len(mine))
+    out = self.split.read(np.concatenate([mine, padding]))
+    out["mask"] = np.arange(self.count) < len(mine)
+    return out
 
 
 def _process_slice(global_batch_size, process_index, process_count):
@@ -294,43 +122,97 @@ def _process_slice(global_batch_size, process_index, process_count):
   return index * per_process, per_process
 
 
-class TrainIterator:
-  """Endless training stream made by :func:`train_batches`.
+def _preprocess(ds: grain.MapDataset, dataset: Dataset, train: bool,
+                first: int, global_count: int, on_devices: bool):
+  """Augmentation (train) or resizing (ImageNet), then normalisation."""
+  if isinstance(dataset.split("train"), LazySplit):
+    crop = ImagenetCrop(dataset.image_shape[0], train, first, global_count)
+    ds = ds.random_map(crop) if train else ds.random_map(crop, seed=0)
+  elif train:
+    ds = ds.random_map(
+        AugmentRows(dataset.augmentation, first, global_count))
+  # On the devices, normalisation happens after the transfer (uint8 moves).
+  return ds if on_devices else ds.map(Normalize(dataset.mean, dataset.std))
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """Grain workers ignore SIGTERM: the main process saves, then ends them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _iterate(ds: grain.MapDataset, dataset: Dataset, *, workers: int,
+             mesh: Optional[jax.sharding.Mesh], prefetch: int):
+  """The grain iterator of ``ds``: workers, then device placement."""
+  if not flags.FLAGS.is_parsed():  # grain reads absl flags (defaults here)
+    flags.FLAGS.mark_as_parsed()
+  lazy = isinstance(dataset.train, LazySplit)
+  # Elements are whole batches: a small read-ahead buffer bounds memory.
+  read = grain.ReadOptions(num_threads=2 if lazy and not workers else 1,
+                           prefetch_buffer_size=2)
+  it_ds = ds.to_iter_dataset(read)
+  if workers:
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers,
+                                     per_worker_buffer_size=2),
+        worker_init_fn=_ignore_sigterm)
+  if mesh is not None:
+    it_ds = it_ds.map(_Placement(mesh, dataset.mean, dataset.std))
+  if prefetch:
+    it_ds = grain.experimental.ThreadPrefetchIterDataset(
+        it_ds, prefetch_buffer_size=prefetch)
+  return iter(it_ds)
+
+
+class _Placement:
+  """Global arrays with the batch sharding; images normalised on the devices."""
+
+  def __init__(self, mesh, mean, std):
+    self._mesh = mesh
+    self._normalize = jax.jit(
+        functools.partial(normalize, mean=mean, std=std, xp=jax.numpy),
+        out_shardings=sharding.batch_sharding(mesh))
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    out = sharding.host_to_global(batch, self._mesh)
+    out["image"] = self._normalize(out["image"])
+    return out
+
+
+class Batches:
+  """A train stream made by :func:`train_batches`; close it when done.
 
   Attributes:
     steps_per_epoch: global batches per epoch (the remainder is dropped).
-    position: ``(epoch, batch)`` of the next batch; checkpoint it to resume.
+    position: ``(epoch, batch)`` of the next batch :func:`next` returns
+      (batches prefetched but not yet returned do not count); checkpoint it.
   """
 
-  def __init__(self, dataset: Dataset, global_batch_size: int, seed: int,
-               position: DataPosition, first: int, rows: int):
-    self.dataset, self.global_batch_size, self.seed = (
-        dataset, global_batch_size, seed)
-    self.steps_per_epoch = len(dataset.train) // global_batch_size
-    self._position, self._first, self._rows = position, first, rows
-    self._order = (None, None)  # (epoch, permutation) of the latest epoch.
+  def __init__(self, iterator, start: int, steps_per_epoch: int):
+    self._iterator, self._next = iterator, start
+    self.steps_per_epoch = steps_per_epoch
 
   @property
   def position(self) -> DataPosition:
-    epoch, batch = self._position
-    if batch == self.steps_per_epoch:
-      return DataPosition(epoch + 1, 0)
-    return self._position
+    return DataPosition(*divmod(self._next, self.steps_per_epoch))
 
-  def __iter__(self) -> TrainIterator:
+  def __iter__(self) -> Batches:
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    epoch, batch = self.position
-    if self._order[0] != epoch:
-      rng = np.random.default_rng((self.seed, _SHUFFLE, epoch))
-      self._order = (epoch, rng.permutation(len(self.dataset.train)))
-    start = batch * self.global_batch_size + self._first
-    positions = self._order[1][start:start + self._rows]
-    self._position = DataPosition(epoch, batch + 1)
-    return _load_batch(self.dataset, self.dataset.train, positions, True,
-                       self.seed, epoch, batch, self._first,
-                       self.global_batch_size)
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._iterator)
+    self._next += 1
+    return batch
+
+  def close(self) -> None:
+    """Stops the prefetch thread and the worker processes."""
+    self._iterator.close()
+
+  def __enter__(self) -> Batches:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def train_batches(
@@ -339,27 +221,40 @@ def train_batches(
     global_batch_size: int,
     seed: int = 0,
     position: Sequence[int] = DataPosition(0, 0),
+    workers: int = 0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    prefetch: int = 2,
+    normalized: bool = True,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
-) -> TrainIterator:
-  """This process's endless, shuffled, augmented training stream.
+) -> Batches:
+  """This process's endless, shuffled, augmented training stream (grain).
 
   Each ``next()`` gives ``{'image': float32 (B, H, W, C), 'label': int32
-  (B,)}``, ``B = global_batch_size / process_count``: rows ``[process_index *
-  B, (process_index + 1) * B)`` of the global batch. Epochs drop the
-  remainder. ``.position`` is the ``(epoch, batch)`` of the next batch.
+  (B,)}``: without ``mesh``, numpy arrays of this process's rows ``[
+  process_index * B, (process_index + 1) * B)`` of the global batch, ``B =
+  global_batch_size / process_count``; with ``mesh``, global ``jax.Array``s
+  of the whole batch sharded along the mesh's data axis. Epoch ``e`` is a
+  permutation drawn from ``seed`` and ``e``; the epoch's remainder is
+  dropped.
 
   Args:
     dataset: from :func:`load_dataset`.
     global_batch_size: examples per optimizer step over all processes.
     seed: seed of the epoch orders and augmentations.
     position: ``(epoch, batch)`` to start at, e.g. a checkpointed
-      :attr:`TrainIterator.position`; resuming there is exact.
+      :attr:`Batches.position`; resuming there is exact.
+    workers: grain worker processes (0: read in this process).
+    mesh: place batches on this mesh (and normalise them there).
+    prefetch: batches read ahead by a background thread (placed on the
+      devices when ``mesh`` is given); 0: read when asked.
+    normalized: False: host batches keep uint8 images (what the host does
+      for a ``mesh``, which normalises on the devices).
     process_index, process_count: default ``jax.process_index()`` /
       ``jax.process_count()``.
 
   Returns:
-    A :class:`TrainIterator`.
+    A :class:`Batches` iterator.
 
   Raises:
     ValueError: batch not divisible by the process count, larger than the
@@ -377,8 +272,14 @@ def train_batches(
     raise ValueError(
         f"position {tuple(position)} is not (epoch >= 0, batch in [0, {steps}])"
     )
-  return TrainIterator(dataset, global_batch_size, seed,
-                       DataPosition(epoch, batch), first, rows)
+  ds = (grain.MapDataset.range(len(dataset.train)).seed(seed).shuffle()
+        .batch(global_batch_size, drop_remainder=True).repeat()
+        .map(ReadRows(dataset.train, first, rows)))
+  ds = _preprocess(ds, dataset, True, first, global_batch_size,
+                   mesh is not None or not normalized)
+  start = epoch * steps + batch
+  return Batches(_iterate(ds[start:], dataset, workers=workers, mesh=mesh,
+                          prefetch=prefetch), start, steps)
 
 
 def eval_batches(
@@ -386,41 +287,46 @@ def eval_batches(
     split: str,
     *,
     global_batch_size: int,
+    workers: int = 0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    prefetch: int = 2,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over a whole split in order, without augmentation.
+) -> Iterator[dict[str, Any]]:
+  """One pass over a whole split in order, without augmentation (grain).
 
-  The last global batch is padded (zero images, label 0) to full size;
-  ``mask`` (bool) is False on padding, so summing over ``mask`` counts every
-  example exactly once over all processes and batches.
+  The last global batch is padded to full size with copies of a real
+  example; ``mask`` (bool) is False on padding, so summing over ``mask``
+  counts every example exactly once over all processes and batches.
 
   Args:
     dataset: from :func:`load_dataset`.
-    split: ``train`` (e.g. for calibration, D9), ``validation`` or ``test``.
+    split: ``train`` (calibration, docs/method.md D9), ``validation``, ``test``.
     global_batch_size: rows per global batch.
-    process_index, process_count: as in :func:`train_batches`.
+    workers, mesh, prefetch, process_index, process_count: as in
+      :func:`train_batches`.
 
   Returns:
     An iterator of ``{'image': float32 (B, H, W, C), 'label': int32 (B,),
-    'mask': bool (B,)}``, ``B = global_batch_size / process_count``; the
-    same number of batches on every process.
+    'mask': bool (B,)}`` (numpy rows of this process, or global arrays on
+    ``mesh``); the same number of batches on every process. The worker
+    processes end with the pass.
 
   Raises:
     ValueError: unknown split, or batch not divisible by the process count.
   """
   data = dataset.split(split)  # Errors are raised here, not at first next().
   first, rows = _process_slice(global_batch_size, process_index, process_count)
-  count = math.ceil(len(data) / global_batch_size)
-  return (_padded_batch(dataset, data, b * global_batch_size + first, rows)
-          for b in range(count))
+  ds = (grain.MapDataset.range(len(data)).batch(global_batch_size)
+        .map(ReadRows(data, first, rows, pad=True)))
+  ds = _preprocess(ds, dataset, False, first, global_batch_size,
+                   mesh is not None)
+  return _closing(_iterate(ds, dataset, workers=workers, mesh=mesh,
+                           prefetch=prefetch))
 
 
-def _padded_batch(dataset, data, start, rows) -> dict[str, np.ndarray]:
-  """Eval rows ``[start, start + rows)``, zero-padded past the split's end."""
-  positions = np.arange(start, min(start + rows, len(data)))
-  out = _load_batch(dataset, data, positions, False)
-  out["mask"] = np.ones((len(positions),), bool)
-  pad = rows - len(positions)
-  return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-          for k, v in out.items()}
+def _closing(iterator) -> Iterator[dict[str, Any]]:
+  try:
+    yield from iterator
+  finally:
+    iterator.close()

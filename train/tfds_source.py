@@ -8,8 +8,8 @@ data :class:`DatasetFormatError`, each naming the command that prepares it.
 
 :func:`decoded_arrays` decodes whole splits into memory (CIFAR, MNIST);
 :func:`lazy_splits` leaves them on disk as :class:`LazySplit` records that
-are decoded per batch (ImageNet). :mod:`train.input_pipeline` re-exports the
-errors and :class:`LazySplit`.
+grain reads and decodes per batch (ImageNet). :mod:`train.data_sources`
+re-exports the errors and :class:`LazySplit`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ class DatasetFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LazySplit:
-  """Records ``indices`` of a random-access TFDS source, decoded per batch."""
+  """Records ``indices`` of a random-access source, read per batch.
+
+  ``source`` is e.g. ``tfds.data_source(...)`` or a
+  ``grain.sources.ArrayRecordDataSource`` of dicts with ``image`` and
+  ``label``; it must pickle, so grain worker processes can read it.
+  """
 
   source: Sequence[dict[str, Any]]
   indices: np.ndarray
@@ -47,9 +52,15 @@ class LazySplit:
     """The split of this split's records at positions ``rows``."""
     return LazySplit(self.source, self.indices[rows])
 
-  def records(self, rows: np.ndarray) -> list[dict[str, Any]]:
-    """Decoded records (dicts with ``image``, ``label``) at ``rows``."""
-    return [self.source[int(i)] for i in self.indices[rows]]
+  def read(self, rows: np.ndarray) -> dict[str, Any]:
+    """``{'image': [raw image per row], 'label': int32 (rows,)}`` at ``rows``.
+
+    A raw image is what the source gives: uint8 pixels, or encoded bytes
+    that :func:`train.augmentation.preprocess_imagenet` decodes.
+    """
+    records = [self.source[int(i)] for i in self.indices[rows]]
+    return {"image": [r["image"] for r in records],
+            "label": np.asarray([r["label"] for r in records], np.int32)}
 
 
 def _has_tensorflow() -> bool:
