@@ -92,12 +92,19 @@ def trace_calls(
     The layers in first-call order (a layer called twice appears once).
   """
   calls, norms, inputs_seen = [], [], []
+  active = set()  # layers mid-call: an explicit Quant layer's inner FP call
 
   def record(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
     module = context.module
-    if context.method_name != "__call__" or qlayers.inside_fp_twin():
-      return out
+    path = tuple(module.path)
+    if (context.method_name != "__call__" or qlayers.inside_fp_twin()
+        or path in active):
+      return next_fun(*call_args, **call_kwargs)
+    active.add(path)
+    try:
+      out = next_fun(*call_args, **call_kwargs)
+    finally:
+      active.discard(path)
     if _is_layer(module):
       x = _first_input(call_args, call_kwargs, "inputs")
       kernel = module.get_variable("params", "kernel")
