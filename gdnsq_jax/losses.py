@@ -44,6 +44,7 @@ __all__ = [
     "cross_entropy_loss",
     "distillation_loss",
     "get_distillation_loss",
+    "hellinger_distance",
     "jeffreys_divergence",
     "jensen_shannon_divergence",
     "kl_divergence",
@@ -259,6 +260,29 @@ def jensen_shannon_divergence(
   )
 
 
+def hellinger_distance(
+    student_logits: jax.typing.ArrayLike,
+    teacher_logits: jax.typing.ArrayLike,
+    *,
+    temperature: Temperature = 1.0,
+) -> jax.Array:
+  """Squared Hellinger distance ``1/2 sum_c (sqrt p_S,c - sqrt p_T,c)^2``.
+
+  ``sqrt p = exp(log p / 2)`` from the log-softmax, so gradients stay finite
+  where a probability underflows; ``0 <= H^2 <= 1``. The reference's
+  Hellinger-like loss is the element mean of the same squared differences,
+  i.e. ``2 H^2 / C`` for C classes (docs/method.md §7.2).
+
+  Args and Returns as :func:`kl_divergence`.
+
+  Raises:
+    ValueError: on mismatched shapes or a concrete temperature <= 0.
+  """
+  log_ps, log_pt = _log_probs(student_logits, teacher_logits, temperature)
+  diff = jnp.exp(0.5 * log_ps) - jnp.exp(0.5 * log_pt)
+  return jnp.mean(0.5 * jnp.sum(jnp.square(diff), axis=-1))
+
+
 def l1_logit_loss(
     student_logits: jax.typing.ArrayLike,
     teacher_logits: jax.typing.ArrayLike,
@@ -299,6 +323,7 @@ def l2_logit_loss(
 
 
 _DISTILLATION_LOSSES: dict[str, DistillationLoss] = {
+    "hellinger": hellinger_distance,
     "jeffreys": jeffreys_divergence,
     "js": jensen_shannon_divergence,
     "kl": kl_divergence,

@@ -46,6 +46,8 @@ def _np_reference(name: str, student: np.ndarray, teacher: np.ndarray):
   elif name == "js":
     log_m = np.log(0.5 * (p_t + p_s))
     per_row = 0.5 * _np_kl(log_pt, log_m) + 0.5 * _np_kl(log_ps, log_m)
+  elif name == "hellinger":
+    per_row = 0.5 * np.square(np.sqrt(p_s) - np.sqrt(p_t)).sum(axis=-1)
   elif name == "l1":
     return np.abs(student - teacher).mean()
   elif name == "l2":
@@ -67,6 +69,7 @@ class RegistryTest(parameterized.TestCase):
     self.assertEqual(
         losses.LOSSES,
         (
+            "hellinger",
             "jeffreys",
             "js",
             "kl",
@@ -84,7 +87,8 @@ class RegistryTest(parameterized.TestCase):
   def test_unknown_name_lists_choices(self):
     with self.assertRaisesRegex(
         ValueError,
-        r"unknown distillation loss 'kld'; choose one of: jeffreys, js, kl, "
+        r"unknown distillation loss 'kld'; choose one of: hellinger, jeffreys, "
+        r"js, kl, "
         r"l1, l2, reverse_kl, soft_ce, symmetric_ce",
     ):
       losses.distillation_loss(_logits(0), _logits(1), name="kld")
@@ -124,6 +128,23 @@ class DistillationLossTest(parameterized.TestCase):
         rtol=1e-5,
         atol=1e-6,
     )
+
+  def test_hellinger_is_symmetric_bounded_and_matches_the_reference_form(self):
+    student, teacher = _logits(4), _logits(5)
+    h = float(losses.hellinger_distance(student, teacher))
+    self.assertAlmostEqual(h, float(losses.hellinger_distance(teacher,
+                                                              student)),
+                           places=6)
+    self.assertBetween(h, 0.0, 1.0)
+    # Disjoint one-hot distributions are at the maximum distance 1.
+    far = np.array([[1e4, -1e4]], np.float32)
+    self.assertAlmostEqual(
+        float(losses.hellinger_distance(far, far[:, ::-1])), 1.0, places=6)
+    # The reference's element-mean of squared sqrt-prob differences: 2 H^2/C.
+    p_s = np.exp(_np_log_softmax(student.astype(np.float64)))
+    p_t = np.exp(_np_log_softmax(teacher.astype(np.float64)))
+    reference = np.square(np.sqrt(p_s) - np.sqrt(p_t)).mean()
+    self.assertAlmostEqual(2 * h / student.shape[-1], reference, places=6)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jeffreys_is_symmetric_and_sums_the_two_kls(self):
