@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 from typing import Any, Mapping, Optional, Sequence
@@ -275,3 +276,21 @@ def plot_bitwidth_dynamics(
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def code_commit() -> str | None:
+  """The git commit of the running code (``+dirty`` with local changes).
+
+  None outside a git checkout (an installed wheel): results then say
+  "unknown commit" rather than a wrong one.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    run = lambda *args: subprocess.run(
+        ("git", "-C", root) + args, capture_output=True, text=True,
+        timeout=10, check=True).stdout.strip()
+    commit = run("rev-parse", "--short=12", "HEAD")
+    dirty = run("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
