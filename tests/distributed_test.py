@@ -12,7 +12,7 @@ import numpy as np
 
 from train import teacher as teacher_lib
 from train import train_lib
-import tiny_setup
+from tests import tiny_setup
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_TESTS)
@@ -29,7 +29,7 @@ def _launch(out_dir, teacher, num_processes, devices_per_process):
   env["XLA_FLAGS"] = (
       f"--xla_force_host_platform_device_count={devices_per_process}")
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([_TESTS, _REPO,
+  env["PYTHONPATH"] = os.pathsep.join([_REPO,
                                        env.get("PYTHONPATH", "")])
   port = str(_free_port())
   procs = [

@@ -21,7 +21,8 @@ def main():
         num_processes=num_processes, process_id=process_id)
   from train import checkpointing  # pylint: disable=g-import-not-at-top
   from train import train_lib  # pylint: disable=g-import-not-at-top
-  import tiny_setup  # pylint: disable=g-import-not-at-top
+  from gdnsq_jax import bitwidths  # pylint: disable=g-import-not-at-top
+  from tests import tiny_setup  # pylint: disable=g-import-not-at-top
 
   config = tiny_setup.tiny_config(out_dir, num_steps=6)
   config.teacher.checkpoint = teacher
@@ -32,7 +33,7 @@ def main():
   state = ck.restore_raw(step)
   ck.close()
   flat = {
-      "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+      bitwidths.key_path_name(path): np.asarray(v)
       for path, v in jax.tree_util.tree_flatten_with_path(
           state["train"]["params"])[0]
   }
