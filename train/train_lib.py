@@ -14,6 +14,7 @@ only parses flags. Layout of ``workdir``::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -32,11 +33,13 @@ from train import checkpointing
 from train import early_stopping as early_stopping_lib
 from train import input_pipeline
 from train import loop
+from train import mobilenet
 from train import models
 from train import reporting
 from train import sharding
 from train import steps
 from train import teacher as teacher_lib
+from train import vit
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -73,14 +76,33 @@ def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
       validation_size=config.data.validation_size, seed=config.seed)
 
 
+MODELS = {**models.MODELS, **mobilenet.MODELS, **vit.MODELS}
+"""Every ``config.model.name``: the ResNets, ``mobilenet_v2`` and ``vit``."""
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The FP model named by ``config.model``."""
+  """The FP model named by ``config.model``.
+
+  Raises:
+    ValueError: an unknown ``model.name``, or a ``model`` key set that the
+      model does not have (``stage_widths`` / ``stem_width`` for the ViT).
+  """
+  name = config.model.name
+  if name not in MODELS:
+    raise ValueError(f"unknown config.model.name {name!r}; choose one of: "
+                     f"{', '.join(sorted(MODELS))}")
   kwargs = {"dtype": jnp.dtype(config.model.dtype)}
   if config.model.stage_widths:
     kwargs["stage_widths"] = tuple(config.model.stage_widths)
   if config.model.stem_width:
     kwargs["stem_width"] = config.model.stem_width
-  return models.get_model(config.model.name, num_classes, **kwargs)
+  fields = {f.name for f in dataclasses.fields(MODELS[name])}
+  unknown = sorted(k for k in kwargs if k not in fields)
+  if unknown:
+    raise ValueError(
+        f"config.model.{unknown[0]} does not apply to model {name!r}; leave "
+        "it at its default (() / 0)")
+  return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
