@@ -9,6 +9,13 @@ same step budget (``--steps``, default: the digits preset's).
 
   python -m bench.accuracy --out runs/bench_accuracy --seeds 0 1 --jobs 2
   python -m bench.accuracy --variants w2a2 lsq_w2a2 --seeds 0
+  python -m bench.accuracy --preset digits_vit --variants w4a4 w2a2
+
+``--preset`` picks the model (the digits presets of configs/base.py: the
+digits ResNet, ``digits_mobilenet_v2``, ``digits_vit``); each preset has its
+own FP teacher, so its runs go to their own ``--out`` (default
+``runs/bench_accuracy`` for ``digits``, ``runs/bench_accuracy_<preset>``
+otherwise).
 
 Variants:
   w4a4 w3a3 w2a2 w1a1 w1a32   GDNSQ (gradual penalty, Jeffreys distillation)
@@ -80,6 +87,8 @@ BASELINES = {"w2a2": ("oneshot_w2a2", "lsq_w2a2"),
 
 FP = "fp"
 RESULT_FILE = "bench.json"
+# The presets on the embedded digits (offline): one model each.
+PRESETS = ("digits", "digits_mobilenet_v2", "digits_vit")
 
 
 def _set(config, dotted, value):
@@ -90,30 +99,36 @@ def _set(config, dotted, value):
   node[leaf] = value
 
 
-def _run_in_process(name: str, seed: int, out: str, steps: int) -> dict:
+def run_config(name: str, seed: int, out: str, steps: int,
+               preset: str = "digits"):
+  """The config and workdir of one run (``name`` a variant or ``FP``)."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from train import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+
+  if name == FP:
+    return (base.get_config(preset, weight_bits=32, activation_bits=32),
+            os.path.join(out, FP))
+  w, a, overrides = VARIANTS[name]
+  config = base.get_config(preset, weight_bits=w, activation_bits=a)
+  config.seed = seed
+  config.teacher.checkpoint = os.path.join(out, FP, teacher_lib.TEACHER_SUBDIR)
+  if steps:
+    config.train.num_steps = steps
+  for k, v in overrides.items():
+    _set(config, k, v)
+  return config, os.path.join(out, f"{name}_seed{seed}")
+
+
+def _run_in_process(name: str, seed: int, out: str, steps: int,
+                    preset: str) -> dict:
   """Trains one variant (or the FP teacher) here; writes its bench.json."""
   # Imported here so that the parent process never initialises JAX.
   import jax  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from train import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from train import train_lib  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(out, ".jax_compile_cache"))
-  if name == FP:
-    config = base.get_config("digits", weight_bits=32, activation_bits=32)
-    workdir = os.path.join(out, FP)
-  else:
-    w, a, overrides = VARIANTS[name]
-    config = base.get_config("digits", weight_bits=w, activation_bits=a)
-    config.seed = seed
-    config.teacher.checkpoint = os.path.join(out, FP,
-                                             teacher_lib.TEACHER_SUBDIR)
-    if steps:
-      config.train.num_steps = steps
-    for k, v in overrides.items():
-      _set(config, k, v)
-    workdir = os.path.join(out, f"{name}_seed{seed}")
+  config, workdir = run_config(name, seed, out, steps, preset)
   start = time.time()
   try:
     results = train_lib.train_and_evaluate(config, workdir)
@@ -152,7 +167,8 @@ def _launch(name, seed, args, core):
                         " intra_op_parallelism_threads=1").strip()
     preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
   cmd = [sys.executable, "-m", "bench.accuracy", "--out", args.out,
-         "--steps", str(args.steps), "--run-one", name, str(seed)]
+         "--preset", args.preset, "--steps", str(args.steps),
+         "--run-one", name, str(seed)]
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                           preexec_fn=preexec)
   return proc, log
@@ -269,7 +285,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="runs/bench_accuracy")
+  parser.add_argument("--preset", default="digits", choices=PRESETS,
+                      help="the model: a digits preset of configs/base.py")
+  parser.add_argument("--out", default="",
+                      help="runs/bench_accuracy (digits) or "
+                      "runs/bench_accuracy_<preset> if empty")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                       choices=list(VARIANTS))
@@ -282,9 +302,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.jobs < 1:
     parser.error(f"--jobs must be >= 1, got {args.jobs}")
+  if not args.out:
+    args.out = ("runs/bench_accuracy" if args.preset == "digits"
+                else f"runs/bench_accuracy_{args.preset}")
   if args.run_one:
     _run_in_process(args.run_one[0], int(args.run_one[1]), args.out,
-                    args.steps)
+                    args.steps, args.preset)
     return
   os.makedirs(args.out, exist_ok=True)
   failed = _run_all([(FP, 0)], argparse.Namespace(**{**vars(args), "jobs": 1}))
@@ -303,8 +326,8 @@ def main(argv=None):
   if failed:
     print("failed runs: " + ", ".join(f"{n} seed {s}" for n, s in failed))
   with open(os.path.join(args.out, "accuracy.json"), "w") as f:
-    json.dump({"table": table, "targets": targets, "runs": rows}, f,
-              indent=2, default=str)
+    json.dump({"preset": args.preset, "table": table, "targets": targets,
+               "runs": rows}, f, indent=2, default=str)
   with open(os.path.join(args.out, "accuracy.md"), "w") as f:
     f.write(text + "\n\n" + "\n".join(f"- {t}" for t in targets) + "\n")
 

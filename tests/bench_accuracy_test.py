@@ -52,5 +52,28 @@ class SummaryTest(absltest.TestCase):
                   lines)
 
 
+class RunConfigTest(absltest.TestCase):
+
+  def test_preset_picks_the_model_and_its_own_teacher(self):
+    config, workdir = accuracy.run_config("w2a2", 1, "out", 300,
+                                          "digits_mobilenet_v2")
+    self.assertEqual((config.model.name, config.seed, workdir),
+                     ("mobilenet_v2", 1, "out/w2a2_seed1"))
+    self.assertTrue(config.quant.quantize_1x1)
+    self.assertEqual((config.quant.weight_bits, config.train.num_steps),
+                     (2, 300))
+    self.assertEqual(config.teacher.checkpoint, "out/fp/teacher/variables")
+    config, workdir = accuracy.run_config(accuracy.FP, 0, "out", 300,
+                                          "digits_vit")
+    self.assertEqual((config.model.name, config.mode, workdir),
+                     ("vit", "fp", "out/fp"))
+
+  def test_variant_overrides_apply(self):
+    config, _ = accuracy.run_config("lsq_w2a2", 0, "out", 0)
+    self.assertEqual((config.model.name, config.quant.method),
+                     ("digits_resnet", "lsq"))
+    self.assertEqual(config.train.num_steps, 1000)  # 0: the preset's
+
+
 if __name__ == "__main__":
   absltest.main()
