@@ -180,8 +180,8 @@ def format_bitwidth_table(
     summary: the widths (:func:`gdnsq_jax.bitwidths.summarize_bitwidths`).
     fp_layers: layers left in floating point, listed as ``fp32``.
     weight_target: the weight target, named in the last line.
-    activation_target: the activation target; ``None`` or one of
-      :data:`gdnsq_jax.bitwidths.FLOAT_BITS` or more is not named.
+    activation_target: the activation target; not named when ``None`` or
+      at least :data:`gdnsq_jax.bitwidths.FLOAT_BITS` (not quantized).
 
   Returns:
     The table, one line per layer and a model line.
