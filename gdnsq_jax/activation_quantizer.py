@@ -24,7 +24,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from gdnsq_jax.quantizers import dither_signs
+from gdnsq_jax.quantizers import dither_values
+from gdnsq_jax.quantizers import global_index_offset
 from gdnsq_jax.quantizers import rounding_error
 from gdnsq_jax.quantizers import rounding_noise
 from gdnsq_jax.quantizers import sum_to_primal_axes
@@ -128,7 +129,8 @@ def _quantize_clamped_bwd(estimator, dither, residuals, g):
   if estimator == "lsq":
     terms.append(g_noise * e)
   elif key is not None or dither == "pure":  # else the step term is 0
-    rho = zero if key is None else dither_signs(key, g.shape, dither)
+    rho = zero if key is None else dither_values(
+        key, g.shape, dither, global_index_offset(x))
     terms.append(g_noise * (rho - e) / step if dither == "pure"
                  else g_noise * rho)
   sums = _sums(terms)

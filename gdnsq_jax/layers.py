@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import threading
 from typing import Any, Callable, Optional
 
@@ -47,6 +48,7 @@ from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
 from gdnsq_jax.lsq import lsq_quantize_activation
 from gdnsq_jax.lsq import lsq_quantize_weight
+from gdnsq_jax.quantizers import dither_key
 from gdnsq_jax.quantizers import quantize_weight
 from gdnsq_jax.quantizers import validate_dither
 from gdnsq_jax.quantizers import validate_estimator
@@ -155,8 +157,23 @@ class QuantSettings:
 
 
 def _noise_key(module: nn.Module) -> Optional[jax.Array]:
-  """A fresh key from :data:`NOISE_RNG` if the caller provided it, else None."""
-  return module.make_rng(NOISE_RNG) if module.has_rng(NOISE_RNG) else None
+  """This quantizer's dither key if the caller provided :data:`NOISE_RNG`.
+
+  What ``module.make_rng`` would fold in (the module path and a call
+  count) is hashed at trace time into a static id, and the caller's key
+  (one per step) is xor-ed with it (:func:`gdnsq_jax.quantizers.dither_key`):
+  no PRNG fold-in per quantizer; the backward hashes the element indices.
+  """
+  if not module.has_rng(NOISE_RNG):
+    return None
+  scope = module.scope
+  stream = scope.rngs[NOISE_RNG]  # flax LazyRng: apply()'s key + the path
+  scope.rng_counters[NOISE_RNG] += 1  # each call its own dither, as make_rng
+  suffix = tuple(getattr(stream, "suffix", ())) + (
+      scope.rng_counters[NOISE_RNG],)
+  digest = hashlib.sha1(repr(suffix).encode("utf-8")).digest()
+  return dither_key(getattr(stream, "rng", stream),
+                    int.from_bytes(digest[:8], "little"))
 
 
 def _scalar_param(module: nn.Module, name: str, value: float) -> jax.Array:

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 __all__ = [
     "DITHERS",
     "ESTIMATORS",
+    "dither_key",
+    "dither_values",
     "quantize_weight",
     "rounding_noise",
     "validate_dither",
@@ -144,20 +146,122 @@ def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   )
 
 
-def dither_signs(key, shape, dither: str) -> jax.Array:
-  """Rademacher signs times the dither amplitude, 32 signs per random word.
+# Multipliers of C. Wellons' "lowbias32" integer hash (hash-prospector,
+# 2018): x ^= x >> 16; x *= M0; x ^= x >> 15; x *= M1; x ^= x >> 16.
+_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
-  ``jax.random.rademacher`` spends one random word (and a float compare) per
-  element; here each uint32 from ``jax.random.bits`` supplies 32 independent
-  fair signs, which cut the dither's share of a CPU training step several
-  fold. Signs are iid and fair because the bits are.
+
+def _mix32(x):
+  """lowbias32 on uint32 arrays, or on Python ints (at trace time)."""
+  m0, m1 = _MIX_MULTIPLIERS
+  if isinstance(x, int):
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * m0) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * m1) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(m0)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(m1)
+  return x ^ (x >> 16)
+
+
+def _key_words(key) -> tuple[jax.Array, jax.Array]:
+  """Two uint32 words of a PRNG key (typed, or raw key data of any size)."""
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = key.astype(jnp.uint32).reshape(-1)
+  second = words[1] if words.size > 1 else jnp.uint32(0x6A09E667)
+  for extra in range(2, words.size):  # e.g. the 4 words of an 'rbg' key
+    second = _mix32(second ^ words[extra])
+  return words[0], second
+
+
+def _element_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major linear index of every element, uint32 (modulo 2**32).
+
+  Built from one iota per axis, so a partitioned (``jit`` with shardings)
+  array gets the global index on every device.
+  """
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, size in enumerate(shape):
+    index = index * jnp.uint32(size) + lax.broadcasted_iota(
+        jnp.uint32, shape, axis)
+  return index
+
+
+def global_index_offset(x: jax.Array):
+  """Offset of this device's block of ``x`` under ``shard_map``, else 0.
+
+  Where ``x`` varies over manual mesh axes (a batch-sharded activation) the
+  block of device ``d`` starts at global element ``d * x.size`` for
+  sharding along the leading axis, so the dither of the sharded program
+  equals the unsharded one. A replicated ``x`` (a data-parallel kernel)
+  keeps offset 0: every device dithers the same elements alike.
+  """
+  axes = _varying_axes(x)
+  if not axes:
+    return 0
+  device = lax.axis_index(tuple(sorted(axes)))
+  return device.astype(jnp.uint32) * jnp.uint32(x.size % 2**32)
+
+
+def dither_key(key: jax.Array, quantizer_id: int) -> jax.Array:
+  """The dither key of one quantizer: ``key``'s words xor a hash of its id.
+
+  ``quantizer_id`` is a static int (< 2**64), e.g. a hash of the module path
+  (:mod:`gdnsq_jax.layers`), so the derivation is two xors with constants,
+  fused into the quantizer's backward: no PRNG fold-in per quantizer.
+
+  Args:
+    key: the step's PRNG key (typed or raw uint32 key data).
+    quantizer_id: static int telling apart quantizers that share ``key``.
+
+  Returns:
+    Raw key data, uint32 of shape (2,), for :func:`dither_values`.
+  """
+  low, high = quantizer_id & 0xFFFFFFFF, (quantizer_id >> 32) & 0xFFFFFFFF
+  return jnp.stack(_key_words(key)) ^ jnp.array(
+      [_mix32(low ^ 0x9E3779B9), _mix32(_mix32(high) ^ low)], jnp.uint32)
+
+
+def dither_values(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    dither: str,
+    index_offset=0,
+) -> jax.Array:
+  """The step-size dither ``rho``: ``+-amplitude`` per element, float32.
+
+  Counter-based: element ``i`` (row-major) gets the top bit of
+  ``mix(mix(i ^ k0) ^ k1)``, with ``mix`` the lowbias32 integer hash and
+  ``(k0, k1)`` the key's words. Elementwise, so XLA fuses it into the
+  backward pass that uses it: no random-bit kernels. Each element is
+  ``+amplitude`` or ``-amplitude`` with probability 1/2, independently
+  across elements, quantizers (:func:`dither_key`) and steps
+  (tests/dither_test.py checks mean, variance and correlations); the same
+  key gives the same dither (resume).
+
+  Args:
+    key: PRNG key (typed or raw uint32 key data, e.g. from
+      :func:`dither_key`).
+    shape: shape of the dithered array.
+    dither: one of :data:`DITHERS` (sets the amplitude).
+    index_offset: added to the element index (uint32 scalar; see
+      :func:`global_index_offset`).
+
+  Returns:
+    ``rho`` of shape ``shape``.
   """
   amplitude = jnp.float32(_DITHER_AMPLITUDE[dither])
-  size = math.prod(shape)
-  words = jax.random.bits(key, (-(-size // 32), 1), jnp.uint32)
-  shifts = jnp.arange(32, dtype=jnp.uint32)[None, :]
-  bits = ((words >> shifts) & jnp.uint32(1)).reshape(-1)[:size]
-  return jnp.where(bits == 1, amplitude, -amplitude).reshape(shape)
+  seed0, seed1 = _key_words(key)
+  index = _element_index(tuple(shape)) + jnp.asarray(index_offset,
+                                                     jnp.uint32)
+  bits = _mix32(_mix32(index ^ seed0) ^ seed1) >> 31
+  return jnp.where(bits == 1, amplitude, -amplitude)
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +302,8 @@ def rounding_noise(
   * step term ``dL/ds`` (summed to ``step``'s shape):
 
     - ``ste``, ``ewgs``, ``aewgs``: ``g * rho`` with ``rho`` a Rademacher
-      dither of amplitude 1/(2 sqrt 3) drawn from ``key`` (``dither='half'``:
+      dither of amplitude 1/(2 sqrt 3) hashed from ``key`` and the element
+      index (:func:`dither_values`; ``dither='half'``:
       amplitude 1/2; ``dither='pure'``: ``g * (rho - e) / s``, which turns the
       total step gradient of a quantizer into ``sum G rho``);
     - ``lsq``: ``g * e`` (the reference's ``LSQ`` variant without a gradient
@@ -209,12 +314,13 @@ def rounding_noise(
   Under ``shard_map``, a cotangent that varies over a mesh axis along which
   its primal is replicated (a replicated step, or a replicated kernel with
   per-device upstream gradients) is summed over that axis, as JAX's own
-  transpose rules do for ordinary operations.
+  transpose rules do for ordinary operations. A ``v`` sharded over a mesh
+  axis is dithered by its global element index (:func:`global_index_offset`).
 
   Args:
     v: the scaled input ``(c - z) / s``, float32.
     step: the step size ``s``, broadcastable to ``v``.
-    key: a PRNG key for the dither, or None.
+    key: a PRNG key for the dither (typed or raw), or None.
     estimator: one of :data:`ESTIMATORS`.
     dither: one of :data:`DITHERS`.
     axis_name: optional named axis over which AEWGS statistics are averaged.
@@ -245,7 +351,7 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
     if key is None:
       rho = jnp.zeros_like(e)
     else:
-      rho = dither_signs(key, e.shape, dither)
+      rho = dither_values(key, e.shape, dither, global_index_offset(e))
     if dither == "pure":
       step_term = g * (rho - e) / step
     else:
