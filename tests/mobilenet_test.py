@@ -40,7 +40,7 @@ RESIDUAL = ("block1", "block3", "block5")
 # Narrow, short and on small images: the same code paths, less to compile.
 SMALL = mobilenet.MobileNetV2(stage_widths=(4, 8), blocks_per_stage=(1, 2),
                               stage_strides=(1, 2), expansions=(1, 2),
-                              stem_width=4, head_width=8)
+                              stem_width=4, stem_strides=1, head_width=8)
 INIT_KEY = jax.random.key(0, impl="rbg")
 SMALL_BATCH = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
 
@@ -93,7 +93,8 @@ class LayoutTest(parameterized.TestCase):
                                  capture_intermediates=True),
         _abstract(model), jnp.zeros(shape))
     acts = state["intermediates"]
-    sizes = [28, 14, 14, 7, 7, 7]
+    self.assertEqual(acts["stem_conv"]["__call__"][0].shape, (1, 14, 14, 16))
+    sizes = [14, 7, 7, 4, 4, 4]
     for block, size, (_, _, c_out, _) in zip(BLOCKS, sizes, BLOCK_SHAPES):
       self.assertEqual(acts[block]["__call__"][0].shape,
                        (1, size, size, c_out), msg=block)
@@ -207,6 +208,59 @@ class ComputationTest(chex.TestCase):
     for path, g in flax.traverse_util.flatten_dict(grads).items():
       self.assertTrue(bool(jnp.all(jnp.isfinite(g))), msg=str(path))
       self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0, msg=str(path))
+
+
+class DepthwiseOpTest(chex.TestCase):
+  """The shifted-window depthwise path equals lax's grouped conv."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("stride1", (1, 1), ((1, 1), (1, 1))),
+      ("stride2", (2, 2), ((1, 1), (1, 1))),
+      ("same_stride2", (2, 2), "SAME"),
+      ("asymmetric", (2, 1), ((0, 1), (2, 0))),
+  )
+  def test_matches_lax_with_gradients(self, strides, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 1, 5))
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def loss(op, x, w):
+      y = op(x, w, strides, padding, dimension_numbers=numbers,
+             feature_group_count=5)
+      return jnp.sum(jnp.sin(y)), y
+
+    want_grads, (_, want) = jax.grad(
+        functools.partial(loss, jax.lax.conv_general_dilated),
+        argnums=(0, 1), has_aux=True)(x, w)
+    got_grads, (_, got) = self.variant(jax.grad(
+        functools.partial(loss, mobilenet.conv_general_dilated),
+        argnums=(0, 1), has_aux=True))(x, w)
+    self.assertEqual(got.shape, want.shape)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, atol=1e-4, rtol=1e-4)
+
+  def test_other_convs_pass_through(self):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    numbers = ("NHWC", "HWIO", "NHWC")
+    for w, groups in ((jnp.ones((3, 3, 2, 4)), 2),    # grouped
+                      (jnp.ones((3, 3, 4, 8)), 1),    # plain
+                      (jnp.ones((3, 3, 1, 8)), 4)):   # channel multiplier 2
+      got = mobilenet.conv_general_dilated(
+          x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers,
+          feature_group_count=groups)
+      want = jax.lax.conv_general_dilated(
+          x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers,
+          feature_group_count=groups)
+      chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)
+
+  def test_bfloat16_keeps_dtype(self):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 1, 4), jnp.bfloat16)
+    got = mobilenet.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+    self.assertEqual(got.dtype, jnp.bfloat16)
 
 
 class ProgramTest(absltest.TestCase):
