@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -41,6 +42,7 @@ __all__ = [
     "bitwidth_penalty",
     "exterior_point_penalty",
     "gdnsq_optimizer",
+    "in_raveled_space",
     "schedule_metrics",
 ]
 
@@ -301,11 +303,13 @@ def gdnsq_optimizer(
     b2: RAdam second-moment decay.
     eps: RAdam denominator epsilon (not the bit margin).
     threshold: RAdam rectification threshold.
-    flatten: run RAdam and the learning-rate rule on all params raveled into
-      one vector (``optax.flatten``): the same values, computed by a few
-      large kernels instead of a few per param; quantizers add four scalar
-      params per layer, and on a GPU their per-param kernels cost more
-      launch time than work.
+    flatten: run the whole chain on all params raveled into one vector
+      (:func:`in_raveled_space`; the penalty reads its widths from the
+      unraveled view): the same values, computed by a few large kernels
+      instead of a few per param; quantizers add four scalar params per
+      layer, and on a GPU their per-param kernels cost more launch time
+      than work. The state is the same as ``optax.flatten``'s of the RAdam
+      and learning-rate part (checkpoints of either load).
 
   Returns:
     The chained :class:`optax.GradientTransformationExtraArgs`.
@@ -321,13 +325,57 @@ def gdnsq_optimizer(
       optax.scale_by_radam(b1=b1, b2=b2, eps=eps, threshold=threshold),
       learning_rate_rule,
   )
-  return optax.chain(
-      exterior_point_penalty(
-          bitwidth_fn, weight_bits=weight_bits,
-          activation_bits=activation_bits, warmup_steps=warmup_steps,
-          t_increment=t_increment),
-      optax.flatten(elementwise) if flatten else elementwise,
-  )
+
+  def chain(widths_fn):
+    return optax.chain(
+        exterior_point_penalty(
+            widths_fn, weight_bits=weight_bits,
+            activation_bits=activation_bits, warmup_steps=warmup_steps,
+            t_increment=t_increment),
+        elementwise,
+    )
+
+  if not flatten:
+    return chain(bitwidth_fn)
+  return in_raveled_space(
+      lambda unravel: chain(lambda flat: bitwidth_fn(unravel(flat))))
+
+
+def in_raveled_space(
+    make_inner: Callable[[Callable[[jax.Array], Any]],
+                         optax.GradientTransformationExtraArgs],
+) -> optax.GradientTransformationExtraArgs:
+  """Runs a transformation on the params and updates raveled into one vector.
+
+  Like ``optax.flatten``, but the inner transformation is built per call by
+  ``make_inner(unravel)``, where ``unravel`` maps the vector back to the
+  params tree, so a part that reads the tree (the bit-width penalty) works
+  on the vector too: its gradient arrives raveled and is added there, and
+  the updates are unraveled once at the end. Raveling follows
+  ``jax.flatten_util.ravel_pytree`` (leaf order of ``jax.tree.flatten``, as
+  ``optax.flatten``), so the state equals ``optax.flatten``'s.
+
+  Args:
+    make_inner: ``unravel -> transformation`` on raveled vectors.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` on params trees.
+  """
+
+  def init_fn(params):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return make_inner(unravel).init(flat)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    flat_updates, unravel = jax.flatten_util.ravel_pytree(updates)
+    flat_params = (None if params is None
+                   else jax.flatten_util.ravel_pytree(params)[0])
+    inner = optax.with_extra_args_support(make_inner(unravel))
+    flat_updates, state = inner.update(flat_updates, state, flat_params,
+                                       **extra_args)
+    return unravel(flat_updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def schedule_metrics(opt_state: Any) -> dict[str, jax.Array]:
