@@ -35,8 +35,9 @@ across a data-parallel axis).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 from jax import lax
@@ -48,6 +49,7 @@ __all__ = [
     "dither_key",
     "dither_values",
     "quantize_weight",
+    "quantizer_id",
     "rounding_noise",
     "validate_dither",
     "validate_estimator",
@@ -207,6 +209,26 @@ def global_index_offset(x: jax.Array):
     return 0
   device = lax.axis_index(tuple(sorted(axes)))
   return device.astype(jnp.uint32) * jnp.uint32(x.size % 2**32)
+
+
+def quantizer_id(names: Sequence[str], call: int = 1) -> int:
+  """The static dither id of a quantizer: its module path and call count.
+
+  What Flax's ``make_rng`` folds in (the module path names and the how-many-th
+  draw in that scope), hashed at trace time: the Linen layers
+  (:mod:`gdnsq_jax.layers`) and the NNX layers (:mod:`gdnsq_jax.nnx_quantize`)
+  derive it alike, so a model written in either API, with the same paths and
+  step key, draws the same dither.
+
+  Args:
+    names: the quantizer's module path, e.g. ``('body', 'input_quantizer')``.
+    call: its 1-based call count within one model call.
+
+  Returns:
+    An int below ``2**64`` for :func:`dither_key`.
+  """
+  digest = hashlib.sha1(repr(tuple(names) + (call,)).encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "little")
 
 
 def dither_key(key: jax.Array, quantizer_id: int) -> jax.Array:
