@@ -22,7 +22,10 @@ Configurations:
   ``/distill`` thus isolates the cost of the quantizers.
 * ``w2a2-fast`` / ``w2a2-xla``: the GDNSQ W2A2 step of the training program
   (``train.steps.make_train_step`` with the ``configs/w2a2.py`` settings,
-  rules, optimizer and distillation loss; FP teacher with the same conv).
+  rules, optimizer and distillation loss; FP teacher with the same conv, in
+  ``teacher.dtype``: 'auto', bfloat16 on accelerators, float32 on a CPU).
+* ``*-tf32*`` / ``*-tbf16*``: the same with the teacher forward in float32 /
+  bfloat16, compared with the FP distillation step of the same teacher.
 
 The state of the GDNSQ rows is not calibrated (initial steps and ranges);
 the step's work does not depend on the values.
@@ -78,6 +81,12 @@ CONFIGS: dict[str, tuple[str, str]] = {
     # The optimizer per param instead of on one raveled vector.
     "w2a2-unflat-xla": ("w2a2-unflat", "xla"),
     "w2a2-unflat-fast": ("w2a2-unflat", "fast"),
+    # The teacher forward in float32 / bfloat16 instead of teacher.dtype's
+    # default ('auto': bfloat16 on accelerators, float32 on a CPU).
+    "fp-distill-tf32-xla": ("fp-distill-tf32", "xla"),
+    "w2a2-tf32-xla": ("w2a2-tf32", "xla"),
+    "fp-distill-tbf16": ("fp-distill-tbf16", "fast"),
+    "w2a2-tbf16-fast": ("w2a2-tbf16", "fast"),
 }
 """Configuration name -> (step kind, conv name in :data:`CONVS`)."""
 DEFAULT_CONFIGS = ("fp-xla", "fp-fast", "fp-distill", "w2a2-fast")
@@ -157,7 +166,7 @@ def make_distill_step(model, variables, batch, config):
   step = steps.make_train_step(
       model, tx,
       steps.make_task_loss(config.distill.loss, config.distill.temperature),
-      teacher_model=model)
+      teacher_model=model, teacher_dtype=config.teacher.dtype)
   return jax.jit(step), (state, batch, variables)
 
 
@@ -184,7 +193,7 @@ def make_gdnsq_step(model, variables, batch, config):
   step = steps.make_train_step(
       qmodel, tx,
       steps.make_task_loss(config.distill.loss, config.distill.temperature),
-      teacher_model=model)
+      teacher_model=model, teacher_dtype=config.teacher.dtype)
   return jax.jit(step), (state, batch, variables)
 
 
@@ -194,7 +203,25 @@ QUANT_KINDS = {
     "w2a32": {"quant.activation_bits": 32},
     "w32a2": {"quant.weight_bits": 32},
     "w2a2-unflat": {"optim.flatten": False},
+    "w2a2-tf32": {"teacher.dtype": "float32"},
+    "w2a2-tbf16": {"teacher.dtype": "bfloat16"},
 }
+# FP distillation step kinds -> overrides; a quantized kind ending in one of
+# their suffixes is compared with that distillation step.
+DISTILL_KINDS = {
+    "fp-distill": {},
+    "fp-distill-tf32": {"teacher.dtype": "float32"},
+    "fp-distill-tbf16": {"teacher.dtype": "bfloat16"},
+}
+
+
+def _distill_kind(kind: str) -> str:
+  """The FP distillation kind a quantized ``kind`` is compared with."""
+  for distill in DISTILL_KINDS:
+    suffix = distill[len("fp-distill"):]
+    if suffix and kind.endswith(suffix):
+      return distill
+  return "fp-distill"
 
 
 def build_step(name: str, model_name: str, variables, batch):
@@ -204,11 +231,12 @@ def build_step(name: str, model_name: str, variables, batch):
   config = w2a2.get_config(W2A2_PRESETS[model_name])
   if kind == "fp":
     return make_fp_step(model, variables, batch)
-  if kind == "fp-distill":
-    return make_distill_step(model, variables, batch, config)
-  for dotted, value in QUANT_KINDS[kind].items():
+  overrides = {**DISTILL_KINDS, **QUANT_KINDS}[kind]
+  for dotted, value in overrides.items():
     group, key = dotted.split(".")
     config[group][key] = value
+  if kind in DISTILL_KINDS:
+    return make_distill_step(model, variables, batch, config)
   return make_gdnsq_step(model, variables, batch, config)
 
 
@@ -256,15 +284,32 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
     row["speedup"] = base["wall_s"] / row["wall_s"] if base else None
     kind, conv = CONFIGS[row["config"]]
     references = {
-        "fp": by_name.get(_config_name("fp", conv)),
-        "distill": by_name.get(_config_name("fp-distill", conv)),
+        "fp": _config_name("fp", conv),
+        "distill": _config_name(_distill_kind(kind), conv),
     }
     for label, ref in references.items():
-      for clock in ("wall", "cpu"):
-        row[f"over_{label}_{clock}"] = (
-            row[f"{clock}_s"] / ref[f"{clock}_s"]
-            if kind in QUANT_KINDS and ref else None)
+      for i, clock in enumerate(("wall", "cpu")):
+        ratio = spread = None
+        if kind in QUANT_KINDS and ref in times:
+          ratio, spread = paired_ratio(
+              [t[i] for t in times[row["config"]]], [t[i] for t in times[ref]])
+        row[f"over_{label}_{clock}"] = ratio
+        row[f"over_{label}_{clock}_spread"] = spread
   return rows
+
+
+def paired_ratio(times, reference) -> tuple[float, tuple[float, float]]:
+  """Median and quartiles of the per-round ratios ``times / reference``.
+
+  Round ``r`` of two interleaved configurations ran seconds apart, so the
+  ratio of that round's times cancels most of the load that other processes
+  put on a shared machine; the quartiles say how much remains.
+  """
+  ratios = sorted(t / r for t, r in zip(times, reference))
+  if len(ratios) < 2:
+    return ratios[0], (ratios[0], ratios[0])
+  q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+  return statistics.median(ratios), (q1, q3)
 
 
 def _config_name(kind: str, conv: str) -> str | None:
@@ -279,9 +324,10 @@ def format_table(rows) -> str:
   """A fixed-width table of :func:`benchmark` rows, then the goal check.
 
   ``/fp`` and ``/distill`` are the GDNSQ step time over the FP and the FP
-  distillation step time (same conv), by wall and by CPU time; the goal
-  check calls a ratio met when both clocks are within :data:`GOAL_RATIO`
-  (on an accelerator: the wall clock).
+  distillation step time (same conv), by wall and by CPU time: the median
+  of the per-round ratios (:func:`paired_ratio`), with their quartiles in
+  the goal check; that check calls a ratio met when both clocks are within
+  :data:`GOAL_RATIO` (on an accelerator: the wall clock).
   """
   header = (f"{'model':<14} {'config':<16} {'step ms':>8} {'img/s':>6} "
             f"{'cpu ms':>7} {'vs fp-xla':>9} {'/fp':>5} {'/distill':>8} "
@@ -305,9 +351,12 @@ def format_table(rows) -> str:
       # On an accelerator the host CPU time only measures waiting.
       judged = max(wall, cpu) if r.get("host_is_device", True) else wall
       met = "met" if judged <= GOAL_RATIO else "not met"
+      (w1, w3), (c1, c3) = (r[f"over_{label}_wall_spread"],
+                            r[f"over_{label}_cpu_spread"])
       lines.append(
-          f"{r['model']} {r['config']} / {label}: {wall:.2f} wall, "
-          f"{cpu:.2f} cpu (goal <= {GOAL_RATIO}: {met})")
+          f"{r['model']} {r['config']} / {label}: {wall:.2f} wall "
+          f"[{w1:.2f}-{w3:.2f}], {cpu:.2f} cpu [{c1:.2f}-{c3:.2f}] "
+          f"(goal <= {GOAL_RATIO}: {met})")
   return "\n".join(lines)
 
 
@@ -344,7 +393,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
         f"fast conv enabled: {fast_conv.fast_conv_enabled()}; batch "
-        f"{args.batch}, median of {args.repeats} interleaved steps", flush=True)
+        f"{args.batch}, median of {args.repeats} interleaved steps; ratios: "
+        "median [quartiles] of the per-round ratios", flush=True)
   rows = []
   for model_name in args.models:
     rows += benchmark(model_name, args.configs, args.batch, args.repeats,

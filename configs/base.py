@@ -137,6 +137,7 @@ def get_config(
   c.teacher.learning_rate = 3e-3  # FP recipe: peak LR (AdamW, cosine decay).
   c.teacher.weight_decay = 1e-4  # FP recipe: AdamW weight decay.
   c.teacher.warmup_steps = 40  # FP recipe: linear warmup steps.
+  c.teacher.dtype = "auto"  # GDNSQ teacher forward: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32', 'bfloat16'; float32 logits.
 
   if preset in ("cifar10", "cifar100"):
     steps_per_epoch = 45_000 // 1000

@@ -27,6 +27,18 @@ class _Net(nn.Module):
     return nn.Dense(4, name="head")(x)
 
 
+class _Teacher(nn.Module):
+  """An FP teacher with a Flax-style computation dtype."""
+
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.relu(nn.Dense(12, dtype=self.dtype)(x))
+    return nn.Dense(4, dtype=self.dtype)(x).astype(jnp.float32)
+
+
 def _setup(flatten: bool):
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (16, 6))
@@ -39,7 +51,7 @@ def _setup(flatten: bool):
   trainable["second"]["log2_step"] = jnp.asarray(False)  # a frozen leaf
   state = steps.create_state(variables, tx, trainable,
                              jax.random.key_data(jax.random.key(2)))
-  teacher = jax.lax.stop_gradient(nn.Dense(4).init(jax.random.key(3), x))
+  teacher = _Teacher().init(jax.random.key(3), x)
   batch = {"image": x,
            "label": jax.random.randint(jax.random.key(4), (16,), 0, 4)}
   return model, tx, state, batch, teacher
@@ -105,6 +117,38 @@ class RaveledUpdateTest(absltest.TestCase):
         tx.init(state.params), old.init(state.params))
     self.assertEqual(jax.tree.structure(tx.init(state.params)),
                      jax.tree.structure(old.init(state.params)))
+
+
+class TeacherDtypeTest(absltest.TestCase):
+
+  def test_auto_is_bfloat16_on_accelerators_only(self):
+    self.assertEqual(steps.teacher_compute_dtype("auto", "cpu"), jnp.float32)
+    for backend in ("gpu", "tpu"):
+      self.assertEqual(steps.teacher_compute_dtype("auto", backend),
+                       jnp.bfloat16)
+    self.assertEqual(steps.teacher_compute_dtype("bfloat16"), jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, "float16.*choose one of"):
+      steps.teacher_compute_dtype("float16")
+
+  def test_bfloat16_teacher_forward_float32_divergence(self):
+    model, tx, state, batch, teacher_variables = _setup(True)
+    teacher = _Teacher()
+    task_loss = steps.make_task_loss("jeffreys", 1.0)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+      step = steps.make_train_step(model, tx, task_loss, teacher,
+                                   teacher_dtype=dtype)
+      jaxpr = str(jax.make_jaxpr(step)(state, batch, teacher_variables))
+      self.assertEqual("bf16" in jaxpr, dtype == "bfloat16")
+      _, metrics = jax.jit(step)(state, batch, teacher_variables)
+      self.assertEqual(metrics["train/loss"].dtype, jnp.float32)
+      outputs[dtype] = float(metrics["train/loss"])
+    self.assertNotEqual(outputs["float32"], outputs["bfloat16"])
+    self.assertAlmostEqual(outputs["float32"], outputs["bfloat16"],
+                           delta=2e-2 * abs(outputs["float32"]))
+    with self.assertRaisesRegex(ValueError, "'dtype'.*float32"):
+      steps.make_train_step(model, tx, task_loss, _Net(),
+                            teacher_dtype="bfloat16")
 
 
 if __name__ == "__main__":

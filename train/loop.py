@@ -285,7 +285,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
           qmodel, tx,
           steps.make_task_loss(config.distill.loss,
                                config.distill.temperature),
-          teacher_model=None if labels_only else teacher_model),
+          teacher_model=None if labels_only else teacher_model,
+          teacher_dtype=config.teacher.dtype),
       mesh)
   eval_step = jax.jit(steps.make_eval_step(qmodel))
   teacher_variables = sharding.replicate(teacher_variables, mesh)

@@ -76,12 +76,48 @@ def make_task_loss(name: str, temperature: float) -> Callable[..., jax.Array]:
       logits, teacher_logits, temperature=temperature)
 
 
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+"""``config.teacher.dtype`` values: the teacher forward's computation dtype."""
+
+
+def teacher_compute_dtype(name: str, backend: Optional[str] = None):
+  """The dtype of a ``config.teacher.dtype`` value on ``backend``.
+
+  ``'auto'`` is bfloat16 on accelerators (GPU / TPU: half the teacher's
+  memory traffic, tensor-core convolutions) and float32 on a CPU, where
+  bfloat16 convolutions are emulated and slower (docs/results.md).
+
+  Raises:
+    ValueError: for a name outside :data:`TEACHER_DTYPES`.
+  """
+  if name not in TEACHER_DTYPES:
+    raise ValueError(
+        f"teacher.dtype={name!r}; choose one of {', '.join(TEACHER_DTYPES)}")
+  if name == "auto":
+    name = ("float32" if (backend or jax.default_backend()) == "cpu"
+            else "bfloat16")
+  return jnp.dtype(name)
+
+
+def _with_compute_dtype(model: Any, dtype) -> Any:
+  """``model`` computing in ``dtype`` (params stay as they are)."""
+  if dtype == jnp.float32:
+    return model
+  if "dtype" not in getattr(model, "__dataclass_fields__", {}):
+    raise ValueError(
+        f"teacher.dtype={dtype.name!r} needs a teacher with a Flax-style "
+        f"'dtype' (computation dtype) attribute; {type(model).__name__} has "
+        "none. Use teacher.dtype='float32'.")
+  return model.clone(dtype=dtype)
+
+
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformationExtraArgs,
     task_loss: Callable[..., jax.Array],
     teacher_model: Optional[Any] = None,
     quantized: bool = True,
+    teacher_dtype: str = "float32",
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds ``train_step(state, batch, teacher_variables)``.
 
@@ -92,17 +128,24 @@ def make_train_step(
     task_loss: from :func:`make_task_loss`.
     teacher_model: FP model applied to ``teacher_variables`` (None: labels).
     quantized: add bit-width metrics and pass the quantizer noise stream.
+    teacher_dtype: computation dtype of the teacher forward, one of
+      :data:`TEACHER_DTYPES` (:func:`teacher_compute_dtype`); its logits
+      reach the divergence in float32.
 
   Returns:
     The pure step; metrics are a flat dict of scalars.
   """
+  teacher = None
+  if teacher_model is not None:
+    teacher = _with_compute_dtype(teacher_model,
+                                  teacher_compute_dtype(teacher_dtype))
 
   def train_step(state: TrainState, batch, teacher_variables):
     images, labels = batch["image"], batch["label"]
     teacher_logits = None
-    if teacher_model is not None:
-      teacher_logits = jax.lax.stop_gradient(
-          teacher_model.apply(teacher_variables, images, train=False))
+    if teacher is not None:
+      teacher_logits = jax.lax.stop_gradient(teacher.apply(
+          teacher_variables, images, train=False)).astype(jnp.float32)
     rngs = {NOISE_RNG: jax.random.fold_in(state.rng, state.step)}
 
     def loss_fn(params):
