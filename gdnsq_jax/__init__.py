@@ -13,8 +13,13 @@ qwix do): :mod:`~gdnsq_jax.quantizers` and
 :mod:`~gdnsq_jax.activation_quantizer` (the custom_vjp numerics),
 :mod:`~gdnsq_jax.bitwidths`, :mod:`~gdnsq_jax.penalty`,
 :mod:`~gdnsq_jax.learning_rate`, :mod:`~gdnsq_jax.losses`,
-:mod:`~gdnsq_jax.layers`, :mod:`~gdnsq_jax.interception`,
-:mod:`~gdnsq_jax.calibration`, :mod:`~gdnsq_jax.lsq` (the LSQ baseline),
+:mod:`~gdnsq_jax.settings` (``QuantSettings``),
+:mod:`~gdnsq_jax.families` (GDNSQ and the LSQ baseline behind one
+interface), :mod:`~gdnsq_jax.quantized_ops` (the framework-agnostic per-op
+core), :mod:`~gdnsq_jax.channels` (per-output-channel steps of any kernel),
+:mod:`~gdnsq_jax.layers`, :mod:`~gdnsq_jax.layer_kinds` and
+:mod:`~gdnsq_jax.interception` (the Linen glue),
+:mod:`~gdnsq_jax.calibration`, :mod:`~gdnsq_jax.lsq` (the LSQ numerics),
 :mod:`~gdnsq_jax.quantizer_params` (param names and init values),
 :mod:`~gdnsq_jax.tracing` and :mod:`~gdnsq_jax.export` (integer export).
 """
@@ -22,15 +27,20 @@ qwix do): :mod:`~gdnsq_jax.quantizers` and
 from gdnsq_jax import activation_quantizer
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
+from gdnsq_jax import channels
 from gdnsq_jax import export
+from gdnsq_jax import families
 from gdnsq_jax import interception
+from gdnsq_jax import layer_kinds
 from gdnsq_jax import layers
 from gdnsq_jax import learning_rate
 from gdnsq_jax import losses
 from gdnsq_jax import lsq
 from gdnsq_jax import penalty
+from gdnsq_jax import quantized_ops
 from gdnsq_jax import quantizer_params
 from gdnsq_jax import quantizers
+from gdnsq_jax import settings
 from gdnsq_jax import tracing
 from gdnsq_jax.activation_quantizer import quantize_activation
 from gdnsq_jax.bitwidths import differentiable_bitwidths
@@ -54,6 +64,8 @@ from gdnsq_jax.layers import NOISE_RNG
 from gdnsq_jax.layers import QuantAct
 from gdnsq_jax.layers import QuantConv
 from gdnsq_jax.layers import QuantDense
+from gdnsq_jax.layers import QuantDenseGeneral
+from gdnsq_jax.layers import QuantEinsum
 from gdnsq_jax.layers import QuantSettings
 from gdnsq_jax.losses import distillation_loss
 from gdnsq_jax.penalty import exterior_point_penalty
@@ -68,6 +80,8 @@ __all__ = (
     "QuantAct",
     "QuantConv",
     "QuantDense",
+    "QuantDenseGeneral",
+    "QuantEinsum",
     "QuantSettings",
     "QuantizationRules",
     "QuantizedModel",

@@ -15,7 +15,8 @@ Sound: ``beta <= B - 1e-3`` implies true width ``<= B`` for B in 1..9.
 Params-tree conventions (the layers of :mod:`gdnsq_jax.layers` follow them):
 
 * a *weight quantizer* is any dict holding ``kernel`` and ``log2_step``
-  (output channels last, ``log2_step`` of shape ``(out,)`` or ``()``);
+  (``log2_step`` one per output channel, broadcasting against the kernel as
+  :mod:`gdnsq_jax.channels` says: ``(out,)`` for conv / dense, or ``()``);
 * an *activation quantizer* is any dict holding ``log2_step``,
   ``log2_range`` and ``clamp_low`` (scalars). A quantized conv/dense keeps its
   input quantizer in the child dict ``input_quantizer``.
@@ -29,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax.channels import channel_range
 from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
 from gdnsq_jax.quantizer_params import WEIGHT_KEYS
-from gdnsq_jax.quantizers import weight_channel_range
 
 __all__ = [
     "ACTIVATION_KEYS",
@@ -81,15 +82,16 @@ def weight_bitwidth(kernel: jax.Array, log2_step: jax.Array) -> jax.Array:
   """Differentiable weight bit-width ``log2(R + s) - log2 s`` per channel.
 
   Args:
-    kernel: Flax kernel, output channels last.
-    log2_step: ``(out,)`` (per channel) or scalar (per tensor).
+    kernel: Flax kernel, any layout.
+    log2_step: one per output channel, broadcasting against ``kernel``
+      (:mod:`gdnsq_jax.channels`; ``(out,)`` for conv / dense), or scalar.
 
   Returns:
     float32 array of ``log2_step``'s shape. Gradients flow into
     ``log2_step`` and into the channel max / min of ``kernel``.
   """
   log2_step = jnp.asarray(log2_step, jnp.float32)
-  lo, hi = weight_channel_range(kernel, per_channel=log2_step.ndim > 0)
+  lo, hi = channel_range(kernel, log2_step.shape)
   return jnp.log2(hi - lo + jnp.exp2(log2_step)) - log2_step
 
 
@@ -114,7 +116,7 @@ def true_weight_bitwidth(kernel: jax.Array, log2_step: jax.Array) -> jax.Array:
   """True weight width ``log2(round(R_c / s_c) + 1)`` per channel (no grad)."""
   kernel = jax.lax.stop_gradient(kernel)
   log2_step = jax.lax.stop_gradient(jnp.asarray(log2_step, jnp.float32))
-  lo, hi = weight_channel_range(kernel, per_channel=log2_step.ndim > 0)
+  lo, hi = channel_range(kernel, log2_step.shape)
   code_max = jnp.round((hi - lo) / jnp.exp2(log2_step))
   return true_bitwidth_from_codes(jnp.zeros_like(code_max), code_max)
 

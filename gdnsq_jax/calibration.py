@@ -1,4 +1,4 @@
-"""Min / max calibration of GDNSQ quantizers to N bits (arXiv 2508.14004).
+"""Min / max calibration of quantizers to N bits (arXiv 2508.14004).
 
 docs/method.md §6 (calibration runs before training; N = 10 by default):
 
@@ -7,16 +7,21 @@ docs/method.md §6 (calibration runs before training; N = 10 by default):
   ``log2(R_c / s_c + 1)`` is exactly N, or less where the floor ``2^-12``
   binds (tiny ranges);
 * activations, from the input range ``[m, M]`` observed over all calibration
-  batches (min of mins, max of maxes) in eval mode, with the weights already
-  calibrated and every activation quantizer at its 20-bit init state:
+  batches (min of mins, max of maxes) on the *full-precision* network: the
+  observation pass runs with every quantizer off
+  (:func:`gdnsq_jax.quantized_ops.observing`), so no upstream clamp distorts
+  a downstream range (negative LayerNorm outputs, linear bottlenecks);
   ``b <- m``, ``l_s <- log2((M - m) / (2^N - 1))``, ``l_q <- l_s + N``; the
   clamp interval ``[b, b + q - s]`` is then exactly ``[m, M]`` with ``2^N``
   levels. With ``learnable_clamp_low=False`` b stays 0 and the grid covers
-  ``[0, M]``.
+  ``[0, M]``; with ``unsigned_if_nonnegative`` a quantizer with ``m >= 0``
+  gets ``b = 0``, frozen (the reference's unsigned quantizers).
 * a constant input (``m == M``) gives a *frozen* quantizer: ``l_s = l_q = 0``,
   ``b = m`` (it outputs the constant; width 0, never penalised); its params
   are False in the :func:`trainable_mask`.
 
+How a family starts its quantizers (GDNSQ, or LSQ at its fixed widths with
+its own activation step) is the family's (:mod:`gdnsq_jax.families`).
 Statistics come from the ``quant_stats`` collection that
 :class:`gdnsq_jax.layers.QuantAct` sows when it is mutable; one jitted
 function runs the model and reduces each batch, with no Python side effects.
@@ -26,8 +31,6 @@ function runs the model and reduces each batch, with no Python side effects.
 
 from __future__ import annotations
 
-import dataclasses
-
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from flax import traverse_util
@@ -35,15 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdnsq_jax import layers as qlayers
+from gdnsq_jax import quantized_ops
 from gdnsq_jax.bitwidths import find_quantizers
 from gdnsq_jax.bitwidths import key_path_name
 from gdnsq_jax.bitwidths import true_activation_widths
 from gdnsq_jax.layers import QUANT_STATS
-from gdnsq_jax.layers import QuantSettings
-from gdnsq_jax.quantizer_params import ACTIVATION_INIT
-from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
-from gdnsq_jax.quantizers import weight_channel_range
+from gdnsq_jax.channels import channel_range
+from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
+from gdnsq_jax.settings import QuantSettings
 
 __all__ = [
     "CalibrationResult",
@@ -83,7 +85,8 @@ def _key(path: str, name: str) -> str:
 
 
 def calibrate_weights(
-    params: Mapping[str, Any], bits: int = 10
+    params: Mapping[str, Any], bits: int = 10,
+    settings: Optional[QuantSettings] = None,
 ) -> dict:
   """Sets every weight step to give ``bits`` bits (floor ``2^-12``).
 
@@ -93,20 +96,18 @@ def calibrate_weights(
   Args:
     params: the ``params`` collection of a quantized model.
     bits: the calibration bit-width N.
+    settings: its family's weight init is used (default GDNSQ's).
 
   Returns:
     ``params`` with every weight quantizer's ``log2_step`` replaced.
   """
+  family = (settings or QuantSettings()).family
   flat = _flat(params)
   for path in find_quantizers(params).weights:
     log2_step = jnp.asarray(flat[_key(path, "log2_step")])
-    lo, hi = weight_channel_range(
-        flat[_key(path, "kernel")], per_channel=log2_step.ndim > 0
-    )
-    fitted = jnp.log2((hi - lo) / (2.0**bits - 1.0))
-    flat[_key(path, "log2_step")] = jnp.maximum(
-        WEIGHT_LOG2_STEP_INIT, fitted
-    ).astype(log2_step.dtype)
+    lo, hi = channel_range(flat[_key(path, "kernel")], log2_step.shape)
+    flat[_key(path, "log2_step")] = family.init_weight(
+        lo, hi, bits).astype(log2_step.dtype)
   return _unflat(flat)
 
 
@@ -115,11 +116,12 @@ def trainable_mask(
 ) -> Any:
   """Which params the optimizer may update (host-side, concrete params).
 
-  False for every param of a frozen activation quantizer
-  (``log2_step == log2_range == 0``) and, when
-  ``settings.learnable_clamp_low`` is False, for every ``clamp_low``; with
-  ``settings.method == 'lsq'`` for every ``log2_range`` (LSQ ties the grid
-  width to the step).
+  The leaves ``settings.family`` freezes
+  (:meth:`~gdnsq_jax.families.QuantizerFamily.frozen_activation_params`):
+  every param of a frozen activation quantizer (``log2_step == log2_range
+  == 0``); ``clamp_low`` when ``settings.learnable_clamp_low`` is False, or
+  when it is 0 under ``settings.unsigned_if_nonnegative``; for the LSQ
+  baseline every ``log2_range`` (LSQ ties the grid width to the step).
 
   Args:
     params: the ``params`` collection (concrete values).
@@ -132,16 +134,10 @@ def trainable_mask(
   flat = _flat(params)
   frozen_leaves = set()
   for path in find_quantizers(params).activations:
-    if (
-        float(flat[_key(path, "log2_step")]) == 0.0
-        and float(flat[_key(path, "log2_range")]) == 0.0
-    ):
-      frozen_leaves.update(_key(path, k) for k in ACTIVATION_INIT)
-    else:
-      if not settings.learnable_clamp_low:
-        frozen_leaves.add(_key(path, "clamp_low"))
-      if settings.method == "lsq":  # its width follows the step: unused
-        frozen_leaves.add(_key(path, "log2_range"))
+    node = {k: flat[_key(path, k)] for k in ACTIVATION_KEYS}
+    frozen_leaves.update(
+        _key(path, k)
+        for k in settings.family.frozen_activation_params(node, settings))
 
   def is_trainable(key_path, _):
     return key_path_name(key_path) not in frozen_leaves
@@ -194,7 +190,8 @@ def _reduce_over_batches(
 def _combine_ranges(running: dict, stats: dict) -> dict:
   return {
       path: {
-          name: qlayers.STAT_REDUCERS[name][0](running[path][name], value)
+          name: quantized_ops.STAT_REDUCERS[name][0](running[path][name],
+                                                     value)
           for name, value in s.items()
       }
       for path, s in stats.items()
@@ -204,7 +201,8 @@ def _combine_ranges(running: dict, stats: dict) -> dict:
 def _initial_ranges(shapes: dict) -> dict:
   return {
       path: {
-          name: jnp.full(v.shape, qlayers.STAT_REDUCERS[name][1], v.dtype)
+          name: jnp.full(v.shape, quantized_ops.STAT_REDUCERS[name][1],
+                         v.dtype)
           for name, v in s.items()
       }
       for path, s in shapes.items()
@@ -215,7 +213,7 @@ def _model_apply(model: Any) -> Callable[..., Any]:
   if not hasattr(model, "apply"):
     raise TypeError(
         f"model {model!r} has no apply method; pass a QuantizedModel or a "
-        "Flax module built from QuantConv / QuantDense"
+        "Flax module built from the Quant layers of gdnsq_jax.layers"
     )
   return model.apply
 
@@ -231,19 +229,20 @@ def calibrate(
 ) -> CalibrationResult:
   """Calibrates every weight and activation quantizer to ``bits`` bits.
 
-  Weights first (:func:`calibrate_weights`); then activation quantizers are
-  reset to their 20-bit init and the model runs in eval mode on every batch,
-  recording each quantizer's input min / max (docs/method.md §6).
+  Weights from their kernels (:func:`calibrate_weights`); activations from
+  the input ranges observed while the model runs on every batch with its
+  quantizers off, i.e. on the full-precision network (docs/method.md §6).
 
-  LSQ quantizers (``settings.method == 'lsq'``) are calibrated to their own
-  fixed widths; their activation step is LSQ's initialisation ``2 mean(x -
+  The family (``settings.family``) decides the widths and the activation
+  grids: LSQ quantizers (``method='lsq'``) are calibrated to their own fixed
+  widths, their activation step set to LSQ's initialisation ``2 mean(x -
   b) / sqrt(Qp)`` (Esser et al.; measured from the offset ``b = min``),
   capped at the min / max step: at 1-2 bits a min / max grid rounds almost
   every activation to one level.
 
   Args:
     model: a :class:`gdnsq_jax.QuantizedModel` or a Flax module using
-      :class:`gdnsq_jax.QuantConv` / ``QuantDense`` / ``QuantAct``.
+      the Quant layers of :mod:`gdnsq_jax.layers`.
     variables: its variables (``params``, ``batch_stats``, ...).
     batches: iterable of model inputs (the first positional argument, e.g.
       images without labels or augmentation).
@@ -258,48 +257,23 @@ def calibrate(
     A :class:`CalibrationResult`.
 
   Raises:
-    ValueError: when no batch is given or an activation quantizer was never
-      called by the calibration forward pass.
+    ValueError: when no batch is given, an activation quantizer was never
+      called by the calibration forward pass, or ``bits`` is given for
+      fixed-width (LSQ) quantizers.
   """
   settings = settings or getattr(model, "settings", None) or QuantSettings()
-  if settings.method == "lsq":
-    # An LSQ grid's width follows its step, so the 20-bit activation init
-    # does not exist there: observe through GDNSQ quantizers instead (the
-    # same calibrated weights, activations at the 20-bit init).
-    if not (dataclasses.is_dataclass(model)
-            and isinstance(getattr(model, "settings", None), QuantSettings)):
-      raise ValueError(
-          "calibrating LSQ quantizers needs a model with a QuantSettings "
-          "`settings` field that reaches its quantizers (a QuantizedModel "
-          "from gdnsq_jax.quantize_model, or a Flax module passing its "
-          "settings to its QuantConv / QuantDense / QuantAct), so that the "
-          "observation pass can switch them to GDNSQ's; got "
-          f"{type(model).__name__}")
-    model = dataclasses.replace(
-        model, settings=dataclasses.replace(settings, method="gdnsq"))
+  family = settings.family
+  weight_bits, activation_bits = family.calibration_widths(settings, bits)
   apply_fn = _model_apply(model)
-  bits = settings.calibration_bits if bits is None else bits
-  activation_bits = bits
-  if settings.method == "lsq":  # fixed widths: each quantizer at its own
-    if bits != settings.calibration_bits:
-      raise ValueError(
-          f"bits={bits} but LSQ quantizers have fixed widths (weights "
-          f"{settings.weight_bits}, activations {settings.activation_bits}); "
-          "calibrate them without bits=")
-    bits, activation_bits = settings.weight_bits, settings.activation_bits
   apply_kwargs = dict(apply_kwargs or {})
 
-  flat = _flat(calibrate_weights(variables["params"], bits))
+  flat = _flat(calibrate_weights(variables["params"], weight_bits, settings))
   index = find_quantizers(variables["params"])
-  for path in index.activations:
-    for name, value in ACTIVATION_INIT.items():
-      flat[_key(path, name)] = jnp.full_like(flat[_key(path, name)], value)
-  observed = dict(variables, params=_unflat(flat))
-
-  ranges = _reduce_over_batches(
-      apply_fn, observed, batches, apply_kwargs, _combine_ranges,
-      _initial_ranges,
-  )
+  with quantized_ops.observing():  # the FP network's activations
+    ranges = _reduce_over_batches(
+        apply_fn, variables, batches, apply_kwargs, _combine_ranges,
+        _initial_ranges,
+    )
   unobserved = sorted(set(index.activations) - set(ranges))
   if unobserved:
     raise ValueError(
@@ -308,28 +282,12 @@ def calibrate(
     )
 
   activation_ranges = {}
-  levels = np.float32(2.0**activation_bits - 1.0)
   for path in index.activations:
-    m = np.float32(ranges[path]["input_min"])
-    big_m = np.float32(ranges[path]["input_max"])
-    activation_ranges[path] = (float(m), float(big_m))
-    low = m if settings.learnable_clamp_low or m == big_m else np.float32(0)
-    if big_m > low:
-      step = (big_m - low) / levels
-      if settings.method == "lsq":  # LSQ's init 2 <|x|> / sqrt(Qp), from b
-        mean = np.float32(ranges[path]["input_sum"]
-                          / max(float(ranges[path]["input_count"]), 1.0))
-        lsq_step = 2.0 * max(mean - low, 0.0) / np.sqrt(levels)
-        step = min(step, lsq_step) if lsq_step > 0 else step
-      log2_step = np.log2(step, dtype=np.float32)
-      log2_range = np.float32(log2_step + activation_bits)
-    else:  # constant input (or all below a clamp frozen at 0): frozen
-      log2_step = log2_range = np.float32(0.0)
-    for name, value in (
-        ("log2_step", log2_step),
-        ("log2_range", log2_range),
-        ("clamp_low", low),
-    ):
+    stats = jax.device_get(ranges[path])
+    activation_ranges[path] = (float(np.float32(stats["input_min"])),
+                               float(np.float32(stats["input_max"])))
+    grid = family.init_activation(stats, activation_bits, settings)
+    for name, value in grid.items():
       old = jnp.asarray(flat[_key(path, name)])
       flat[_key(path, name)] = jnp.asarray(value, old.dtype)
   params = _unflat(flat)

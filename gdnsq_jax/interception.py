@@ -1,17 +1,50 @@
-"""Quantize an unmodified Flax model by intercepting its conv / dense calls.
+"""Quantize an unmodified Flax Linen model by intercepting its weight layers.
 
-:func:`quantize_model` takes a Linen model written with plain ``nn.Conv`` /
-``nn.Dense`` and returns a :class:`QuantizedModel` whose ``init`` / ``apply``
-run the model under :func:`flax.linen.intercept_methods`: every selected
-layer call creates its quantizer params in the layer's own scope (next to
-``kernel``, see :mod:`gdnsq_jax.layers`) and computes the layer with the
-quantized kernel and input. The model's code and its FP params tree are
-unchanged; the quantized tree only adds ``log2_step`` and ``input_quantizer``
-entries, so :func:`add_quantizer_params` loads FP variables into it.
+:func:`quantize_model` takes a Linen model written with stock layers and
+returns a :class:`QuantizedModel` whose ``init`` / ``apply`` run the model
+under :func:`flax.linen.intercept_methods`: every selected layer call
+creates its quantizer params in the layer's own scope (next to ``kernel``,
+see :mod:`gdnsq_jax.layers`) and computes the layer with the quantized
+kernel and input. Covered (:mod:`gdnsq_jax.layer_kinds`): ``nn.Conv``
+(grouped and depthwise included), ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Einsum``, hence the ``query`` / ``key`` / ``value`` / ``out``
+projections of ``nn.MultiHeadDotProductAttention``. The model's code and its
+FP params tree are unchanged; the quantized tree only adds ``log2_step`` and
+``input_quantizer`` entries, so :func:`add_quantizer_params` loads FP
+variables into it.
 
-Placement (docs/method.md §5, D6): by default the stem (the
-first conv / dense applied), the classifier (the last dense applied) and 1x1
-convs stay full precision; :class:`QuantizationRules` changes that.
+Design: interception at the *layer* (module method) level, not at the
+``lax`` op level as google/qwix patches ``dot_general`` /
+``conv_general_dilated`` / ``einsum`` process-wide. Reasons:
+
+* a Flax layer names its one weight-bearing op's weight (``kernel``) and
+  its layout, so the output channels of GDNSQ's per-channel step are known
+  exactly per kind (a conv's last axis, a ``DenseGeneral``'s features, the
+  kernel letters of an einsum that reach its output), where an op-level hook
+  sees a kernel already reshaped, masked or dtype-promoted and would have to
+  guess which operand is a weight;
+* activation x activation products (attention's ``q k`` and ``attn v``) are
+  not layer calls, so they stay float by construction, with no provenance
+  analysis of operands (docs/method.md §5);
+* the layer's own code (padding, dilation, groups, masks, axes, equation,
+  dtype promotion) runs unchanged on the quantized operands (an unbound FP
+  twin, :func:`gdnsq_jax.layers.apply_quantized_layer`), and nothing in
+  ``jax.lax`` is patched, so custom op hooks (``train/cpu_conv.py``) and
+  other threads are untouched;
+* the quantizer params sit next to ``kernel`` in the layer's scope, so paths
+  (and rules) are module paths and FP checkpoints load unchanged.
+
+The cost: a custom module that multiplies by its own param without a Flax
+layer is not quantized; the tracer still lists any module with its own
+``kernel`` (kind ``other``), and embeddings / transposed / local convs, in
+the report as full precision with the reason -- nothing stays float
+silently. The numerics below the glue are framework-agnostic
+(:mod:`gdnsq_jax.quantized_ops`, :mod:`gdnsq_jax.families`).
+
+Placement (docs/method.md §5, D6): by default the stem (the first
+weight-bearing layer applied), the classifier (the last dense-like layer
+applied) and 1x1 convs stay full precision; :class:`QuantizationRules`
+changes that.
 """
 
 from __future__ import annotations
@@ -25,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import layer_kinds
 from gdnsq_jax import layers as qlayers
 from gdnsq_jax import quantizer_params
 from gdnsq_jax import tracing
@@ -43,17 +77,20 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationRules:
-  """Which conv / dense layers to quantize, by role and module path.
+  """Which weight layers to quantize, by role and module path.
 
-  A layer is quantized iff its '/'-joined module path fully matches one of
+  A layer of a quantizable kind (:data:`gdnsq_jax.layer_kinds.QUANTIZABLE`)
+  is quantized iff its '/'-joined module path fully matches one of
   ``include`` (when given), matches none of ``exclude`` and its role is not
-  left FP by a flag. Patterns use :func:`re.fullmatch`.
+  left FP by a flag. Patterns use :func:`re.fullmatch`; the attention
+  projections of ``encoder_block1/attention`` are
+  ``encoder_block1/attention/(query|key|value|out)``.
 
   Attributes:
     include: regexes; when non-empty only matching layers are candidates.
     exclude: regexes of layers that stay FP.
-    quantize_stem: quantize the first conv / dense applied to the input.
-    quantize_classifier: quantize the last dense applied.
+    quantize_stem: quantize the first weight layer applied to the input.
+    quantize_classifier: quantize the last dense-like layer applied.
     quantize_1x1: quantize convs whose spatial kernel is 1x1 (shortcuts).
   """
 
@@ -91,12 +128,14 @@ class QuantizationRules:
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-  """One conv / dense of a model, in first-call order.
+  """One weight-bearing layer of a model, in first-call order.
 
   Attributes:
     path: '/'-joined module path (also its params path).
-    kind: 'conv' or 'dense'.
-    kernel_shape: the kernel's shape (Flax layout, output channels last).
+    kind: a kind of :mod:`gdnsq_jax.layer_kinds` (``conv``, ``dense``,
+      ``dense_general``, ``einsum``; unsupported: ``conv_transpose``,
+      ``conv_local``, ``embed``, ``other``).
+    kernel_shape: the weight's shape (Flax layout).
     role: 'stem', 'classifier', '1x1' or '' (a plain hidden layer).
     quantized: whether the quantized model quantizes it.
     reason: why it is (or is not) quantized.
@@ -110,20 +149,16 @@ class LayerInfo:
   reason: str
 
 
-def _kind(module: nn.Module) -> Optional[str]:
-  if isinstance(module, nn.Conv):
-    return "conv"
-  if isinstance(module, nn.Dense):
-    return "dense"
-  return None
-
-
 def _is_layer_call(context: Any) -> bool:
-  return context.method_name == "__call__" and _kind(context.module) is not None
+  return (context.method_name == "__call__"
+          and layer_kinds.kind_of(context.module) in layer_kinds.QUANTIZABLE)
 
 
-def _decide(path: str, role: str, rules: QuantizationRules) -> tuple[bool, str]:
+def _decide(path: str, kind: str, role: str,
+            rules: QuantizationRules) -> tuple[bool, str]:
   """Whether the layer at ``path`` with ``role`` is quantized, and why."""
+  if kind not in layer_kinds.QUANTIZABLE:
+    return False, f"{kind}: not quantizable (stays FP)"
   if rules.include and not any(re.fullmatch(p, path) for p in rules.include):
     return False, "not matched by include"
   for p in rules.exclude:
@@ -140,7 +175,7 @@ def _decide(path: str, role: str, rules: QuantizationRules) -> tuple[bool, str]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedModel:
-  """A Linen model whose selected conv / dense calls are quantized.
+  """A Linen model whose selected weight-layer calls are quantized.
 
   ``init`` and ``apply`` take exactly the arguments of the wrapped model's
   (rngs, inputs, ``train=...``, ``mutable=...``, ...); pass
@@ -149,7 +184,7 @@ class QuantizedModel:
   Attributes:
     model: the unmodified Linen model.
     settings: quantization settings of every quantized layer.
-    layers: every conv / dense with its placement decision (call order).
+    layers: every weight-bearing layer with its placement (call order).
   """
 
   model: nn.Module
@@ -166,7 +201,7 @@ class QuantizedModel:
     if (
         not _is_layer_call(context)
         or qlayers.inside_fp_twin()
-        or isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
+        or isinstance(module, qlayers.EXPLICIT_LAYERS)
     ):
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
@@ -208,14 +243,14 @@ def quantize_model(
     rules: Union[QuantizationRules, Mapping[str, Any], None] = None,
     **sample_kwargs: Any,
 ) -> QuantizedModel:
-  """Selects the conv / dense layers of ``model`` to quantize.
+  """Selects the weight layers of ``model`` to quantize.
 
   The model is traced once abstractly (``jax.eval_shape`` of its ``init``;
-  nothing is allocated) to find its layers, their call order (stem =
-  first conv / dense called, classifier = last dense called) and kernels.
+  nothing is allocated) to find its weight-bearing layers, their call order
+  (stem = first called, classifier = last dense-like called) and kernels.
 
   Args:
-    model: a Linen model using ``nn.Conv`` / ``nn.Dense``.
+    model: a Linen model using stock Flax layers.
     *sample_args: example positional inputs of ``model`` (arrays or
       ``jax.ShapeDtypeStruct``).
     settings: quantization settings (default :class:`QuantSettings()`).
@@ -235,7 +270,7 @@ def quantize_model(
   elif isinstance(rules, Mapping):
     rules = QuantizationRules.from_dict(rules)
   traced = tracing.trace_calls(model, sample_args, sample_kwargs)
-  dense = [l for l in traced if l.kind == "dense"]
+  dense = [l for l in traced if l.kind in layer_kinds.DENSE_LIKE]
   stem = traced[0].path if traced else None
   classifier = max(dense, key=lambda l: l.last_call).path if dense else None
   infos = []
@@ -252,13 +287,20 @@ def quantize_model(
     if layer.explicit:
       quantized, reason = True, "explicit Quant layer"
     else:
-      quantized, reason = _decide(path, role, rules)
+      quantized, reason = _decide(path, kind, role, rules)
     infos.append(LayerInfo(path, kind, shape, role, quantized, reason))
   return QuantizedModel(model, settings, tuple(infos))
 
 
 def quantization_report(qmodel: QuantizedModel) -> list[LayerInfo]:
-  """Every conv / dense of the model with its placement (call order)."""
+  """Every weight-bearing layer with its placement (call order).
+
+  Quantized or not: the quantizable kinds with the rule that decided them,
+  and every other weight-bearing layer (embeddings, transposed or local
+  convs, modules with their own ``kernel``) as full precision with the
+  reason. Activation x activation products (attention) are not layers and
+  stay float (docs/method.md §5).
+  """
   return list(qmodel.layers)
 
 

@@ -2,10 +2,20 @@
 
 * :class:`QuantAct` -- a per-tensor activation quantizer (params
   ``log2_step``, ``log2_range``, ``clamp_low``; all scalars).
-* :class:`QuantConv` / :class:`QuantDense` -- ``nn.Conv`` / ``nn.Dense`` whose
-  kernel is fake-quantized (param ``log2_step``, per output channel or per
-  tensor) and whose *input* passes an activation quantizer held in the child
-  module ``input_quantizer`` (input-side placement, as the reference).
+* :class:`QuantConv` / :class:`QuantDense` / :class:`QuantDenseGeneral` /
+  :class:`QuantEinsum` -- the Flax layers whose kernel is fake-quantized
+  (param ``log2_step``, per output channel or per tensor) and whose *input*
+  passes an activation quantizer held in the child module
+  ``input_quantizer`` (input-side placement, as the reference).
+  :func:`apply_quantized_layer` does it for any bound layer of a kind in
+  :data:`gdnsq_jax.layer_kinds.QUANTIZABLE`; placement
+  (:mod:`gdnsq_jax.interception`) calls it on unmodified models.
+
+This module is the Linen glue only: the numerics and the per-op core
+(quantize kernel / input, statistics, calibration's observation mode) are
+framework-agnostic functions of arrays and params in
+:mod:`gdnsq_jax.quantized_ops` and :mod:`gdnsq_jax.families`, which an NNX
+front end shares.
 
 The params of a quantized conv are therefore::
 
@@ -40,27 +50,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gdnsq_jax.activation_quantizer import quantize_activation
-from gdnsq_jax.bitwidths import activation_code_range
-from gdnsq_jax.bitwidths import FLOAT_BITS
+from gdnsq_jax import layer_kinds
+from gdnsq_jax import quantized_ops
+from gdnsq_jax.quantized_ops import STAT_REDUCERS
 from gdnsq_jax.quantizer_params import ACTIVATION_INIT
+from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
-from gdnsq_jax.lsq import lsq_quantize_activation
-from gdnsq_jax.lsq import lsq_quantize_weight
 from gdnsq_jax.quantizers import dither_key
-from gdnsq_jax.quantizers import quantize_weight
-from gdnsq_jax.quantizers import validate_dither
-from gdnsq_jax.quantizers import validate_estimator
+from gdnsq_jax.settings import METHODS
+from gdnsq_jax.settings import QuantSettings
 
 __all__ = [
     "METHODS",
     "NOISE_RNG",
     "QUANT_STATS",
+    "EXPLICIT_LAYERS",
     "QuantAct",
     "QuantConv",
     "QuantDense",
+    "QuantDenseGeneral",
+    "QuantEinsum",
     "QuantSettings",
+    "STAT_REDUCERS",
     "apply_quantized_layer",
 ]
 
@@ -70,90 +82,7 @@ NOISE_RNG = "quant_noise"
 QUANT_STATS = "quant_stats"
 """Collection into which :class:`QuantAct` sows input and code min / max."""
 
-METHODS = ("gdnsq", "lsq")
-"""Quantizer families: GDNSQ, and the LSQ baseline (:mod:`gdnsq_jax.lsq`)."""
-
-STAT_REDUCERS: dict[str, tuple[Callable[..., jax.Array], float]] = {
-    "input_min": (jnp.minimum, float("inf")),
-    "input_max": (jnp.maximum, float("-inf")),
-    "code_min": (jnp.minimum, float("inf")),
-    "code_max": (jnp.maximum, float("-inf")),
-    "input_sum": (jnp.add, 0.0),  # with input_count: the input mean (LSQ init)
-    "input_count": (jnp.add, 0.0),
-}
-"""Sown statistic -> (reduction across calls and batches, its identity)."""
-
 _QUANTIZER_PARAM_KEYS = ("log2_step", INPUT_QUANTIZER)
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSettings:
-  """How the layers quantize (one value shared by every quantized layer).
-
-  Attributes:
-    weight_bits: target weight bit-width; ``>= 32`` disables weight
-      quantizers (no ``log2_step`` param).
-    activation_bits: target activation bit-width; ``>= 32`` disables
-      activation quantizers entirely, no params (W1A32, docs/method.md D12).
-    estimator: backward rule of weight quantizers, one of
-      :data:`gdnsq_jax.quantizers.ESTIMATORS` (docs/method.md D4).
-    activation_estimator: the activations' rule, ``ste`` (docs/method.md D4).
-    per_channel: one weight step per output channel (True) or per tensor.
-    dither: step-size dither, one of :data:`gdnsq_jax.quantizers.DITHERS`.
-    learnable_clamp_low: train the lower clamp b (docs/method.md D3);
-      False freezes it at 0 (the reference's tagged release).
-    enabled: False makes every quantizer the identity while keeping its params
-      (evaluate the latent FP network with the same variables).
-    calibration_bits: bit-width the calibration sets (docs/method.md §6: 10).
-    axis_name: data-parallel axis over which AEWGS statistics are averaged.
-    method: ``'gdnsq'`` (differentiable widths, noise-scale backward) or
-      ``'lsq'``: the fixed-bit LSQ baseline of :mod:`gdnsq_jax.lsq` (integer
-      widths; ``estimator``, ``activation_estimator`` and ``dither`` unused;
-      calibrated to the target widths, trained without the penalty).
-  """
-
-  weight_bits: float = 4
-  activation_bits: float = 4
-  estimator: str = "ste"
-  activation_estimator: str = "ste"
-  per_channel: bool = True
-  dither: str = "uniform12"
-  learnable_clamp_low: bool = True
-  enabled: bool = True
-  calibration_bits: int = 10
-  axis_name: Optional[str] = None
-  method: str = "gdnsq"
-
-  def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(
-          f"method={self.method!r}; choose one of {', '.join(METHODS)}")
-    validate_estimator(self.estimator)
-    validate_estimator(self.activation_estimator)
-    validate_dither(self.dither)
-    for name in ("weight_bits", "activation_bits", "calibration_bits"):
-      if not getattr(self, name) >= 1:
-        raise ValueError(
-            f"{name}={getattr(self, name)!r} must be >= 1 (use "
-            f">= {FLOAT_BITS} to disable a quantizer)"
-        )
-    if self.method == "lsq":
-      for name in ("weight_bits", "activation_bits"):
-        bits = getattr(self, name)
-        if bits < FLOAT_BITS and not float(bits).is_integer():
-          raise ValueError(
-              f"method='lsq' has fixed integer widths but {name}={bits!r}; "
-              "use an integer (or >= 32 to disable the quantizer)")
-
-  @property
-  def quantize_weights(self) -> bool:
-    """Whether layers create a weight quantizer (``weight_bits < 32``)."""
-    return self.weight_bits < FLOAT_BITS
-
-  @property
-  def quantize_activations(self) -> bool:
-    """Whether layers create an activation quantizer (``bits < 32``)."""
-    return self.activation_bits < FLOAT_BITS
 
 
 def _noise_key(module: nn.Module) -> Optional[jax.Array]:
@@ -202,27 +131,10 @@ class QuantAct(nn.Module):
     s = self.settings
     if not s.quantize_activations:
       return x
-    log2_step, log2_range, clamp_low = (
-        _scalar_param(self, name, ACTIVATION_INIT[name])
-        for name in ("log2_step", "log2_range", "clamp_low"))
-    if not s.learnable_clamp_low:
-      clamp_low = jax.lax.stop_gradient(clamp_low)
-    if s.method == "lsq":  # fixed width: the grid width follows the step
-      log2_range = log2_step + s.activation_bits
+    params = {name: _scalar_param(self, name, ACTIVATION_INIT[name])
+              for name in ACTIVATION_KEYS}
     if self.is_mutable_collection(QUANT_STATS) and not self.is_initializing():
-      xs = jax.lax.stop_gradient(x).astype(jnp.float32)
-      code_min, code_max = activation_code_range(
-          xs, log2_step, log2_range, clamp_low
-      )
-      values = {
-          "input_min": jnp.min(xs),
-          "input_max": jnp.max(xs),
-          "code_min": code_min,
-          "code_max": code_max,
-          "input_sum": jnp.sum(xs),
-          "input_count": jnp.float32(xs.size),
-      }
-      for name, value in values.items():
+      for name, value in quantized_ops.input_statistics(x, params, s).items():
         reduce_fn, identity = STAT_REDUCERS[name]
         self.sow(
             QUANT_STATS,
@@ -231,22 +143,8 @@ class QuantAct(nn.Module):
             init_fn=lambda identity=identity: jnp.float32(identity),
             reduce_fn=reduce_fn,
         )
-    if s.method == "lsq":
-      if not s.enabled:
-        return x
-      return lsq_quantize_activation(
-          x, log2_step, clamp_low, bits=int(s.activation_bits))
-    return quantize_activation(
-        x,
-        log2_step,
-        log2_range,
-        clamp_low,
-        _noise_key(self),
-        estimator=s.activation_estimator,
-        dither=s.dither,
-        axis_name=s.axis_name,
-        enabled=s.enabled,
-    )
+    key = _noise_key(self) if s.family.uses_noise else None
+    return quantized_ops.quantize_input(x, params, key, s)
 
 
 _twin_state = threading.local()
@@ -275,17 +173,20 @@ def apply_quantized_layer(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-  """Runs a bound conv / dense with a quantized kernel and a quantized input.
+  """Runs a bound weight layer with a quantized kernel and a quantized input.
 
-  Called from inside ``module``'s compact ``__call__`` (by :class:`QuantConv`,
-  :class:`QuantDense` or a method interceptor), so the quantizer params are
+  Called from inside ``module``'s compact ``__call__`` (by the Quant layer
+  classes or a method interceptor), so the quantizer params are
   created in ``module``'s own scope, next to its ``kernel``. The layer's own
   computation then runs on an unbound copy, ``fp_twin``, given the module's
   params with ``kernel`` replaced by the fake-quantized kernel: padding,
-  strides, dilation, groups, masks and dtype promotion stay the layer's own.
+  strides, dilation, groups, masks, axes, equations and dtype promotion stay
+  the layer's own. ``log2_step`` has one step per output channel of the
+  kernel (:func:`gdnsq_jax.layer_kinds.channel_axes`).
 
   Args:
-    module: the bound ``nn.Conv`` / ``nn.Dense`` (or subclass).
+    module: the bound layer, a kind in
+      :data:`gdnsq_jax.layer_kinds.QUANTIZABLE` (or a subclass).
     fp_call: the layer's full-precision call; run once during ``init`` to
       create ``kernel`` / ``bias`` with the layer's own initializers.
     fp_twin: an unbound module computing the layer from ``{'params': ...}``.
@@ -300,30 +201,19 @@ def apply_quantized_layer(
   if not module.has_variable("params", "kernel"):
     fp_call(inputs, *args, **kwargs)
   kernel = module.get_variable("params", "kernel")
+  axes = layer_kinds.channel_axes(module, inputs, kernel.shape, args, kwargs)
   if settings.quantize_activations:
     inputs = QuantAct(settings, name=INPUT_QUANTIZER)(inputs)
   if settings.quantize_weights:
-    shape = (kernel.shape[-1],) if settings.per_channel else ()
     log2_step = module.param(
         "log2_step",
         nn.initializers.constant(WEIGHT_LOG2_STEP_INIT),
-        shape,
+        quantized_ops.weight_step_shape(kernel.shape, axes, settings),
         jnp.float32,
     )
-    if settings.enabled and settings.method == "lsq":
-      kernel = lsq_quantize_weight(
-          kernel, log2_step, bits=int(settings.weight_bits),
-          per_channel=settings.per_channel)
-    elif settings.enabled:
-      kernel = quantize_weight(
-          kernel,
-          log2_step,
-          _noise_key(module),
-          estimator=settings.estimator,
-          dither=settings.dither,
-          per_channel=settings.per_channel,
-          axis_name=settings.axis_name,
-      )
+    key = (_noise_key(module)
+           if settings.enabled and settings.family.uses_noise else None)
+    kernel = quantized_ops.quantize_kernel(kernel, log2_step, key, settings)
   params = {
       k: v
       for k, v in module.variables["params"].items()
@@ -393,3 +283,59 @@ class QuantDense(nn.Dense):
         self.settings,
         inputs,
     )
+
+
+class QuantDenseGeneral(nn.DenseGeneral):
+  """``nn.DenseGeneral`` with a quantized kernel and input quantizer.
+
+  Same attributes and kernel layout ``batch + in + features`` as
+  ``nn.DenseGeneral``, plus ``settings``; ``log2_step`` has one step per
+  output channel, i.e. per entry of the batch and feature axes
+  (:mod:`gdnsq_jax.channels`: shape ``features`` without ``batch_dims``).
+
+  Attributes:
+    settings: the shared :class:`QuantSettings`.
+  """
+
+  settings: QuantSettings = QuantSettings()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """``dense_general(quantize_activation(inputs), quantize_weight(kernel))``."""
+    return apply_quantized_layer(
+        self,
+        super().__call__,
+        fp_twin_of(self, nn.DenseGeneral),
+        self.settings,
+        inputs,
+    )
+
+
+class QuantEinsum(nn.Einsum):
+  """``nn.Einsum`` with a quantized kernel and input quantizer.
+
+  ``log2_step`` has one step per output channel: per entry of the kernel
+  axes whose letter reaches the output (size 1 on the contracted ones).
+
+  Attributes:
+    settings: the shared :class:`QuantSettings`.
+  """
+
+  settings: QuantSettings = QuantSettings()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array,
+               einsum_str: Optional[str] = None) -> jax.Array:
+    """``einsum(quantize_activation(inputs), quantize_weight(kernel))``."""
+    return apply_quantized_layer(
+        self,
+        super().__call__,
+        fp_twin_of(self, nn.Einsum),
+        self.settings,
+        inputs,
+        einsum_str,
+    )
+
+
+EXPLICIT_LAYERS = (QuantConv, QuantDense, QuantDenseGeneral, QuantEinsum)
+"""The quantized layer classes (placement leaves them quantized)."""

@@ -1,12 +1,13 @@
-"""The one layer tracer: every conv / dense call of a Flax model (shapes only).
+"""The one layer tracer: every weight-bearing layer call of a Flax model (shapes only).
 
 :func:`trace_calls` runs the unmodified model abstractly (``jax.eval_shape``
 of its ``init``, or of ``apply`` when variables are given) under
-``nn.intercept_methods`` and records, in first-call order, every
-``nn.Conv`` / ``nn.Dense`` call: its kernel shape, its multiply-accumulates
-per example, whether it is an explicit ``QuantConv`` / ``QuantDense``, when it
-was last called, and the inference-mode BatchNorm that consumes exactly its
-output (which the export may fold into it). Placement
+``nn.intercept_methods`` and records, in first-call order, every call of a
+weight-bearing layer (the kinds of :mod:`gdnsq_jax.layer_kinds`: conv,
+dense, ``DenseGeneral``, einsum, and the unsupported ones): its kernel
+shape, its multiply-accumulates per example, whether it is an explicit Quant
+layer, when it was last called, and the inference-mode BatchNorm that
+consumes exactly its output (which the export may fold into it). Placement
 (:func:`gdnsq_jax.interception.quantize_model`) and the export
 (:func:`trace_layers`) both read it.
 """
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import channels
+from gdnsq_jax import layer_kinds
 from gdnsq_jax import layers as qlayers
 
 __all__ = ["TracedLayer", "trace_layers"]
@@ -28,18 +31,19 @@ __all__ = ["TracedLayer", "trace_layers"]
 
 @dataclasses.dataclass(frozen=True)
 class TracedLayer:
-  """One conv / dense call of the traced model.
+  """One weight-bearing layer call of the traced model.
 
   Attributes:
     path: '/'-joined module path.
-    kind: 'conv' or 'dense'.
-    kernel_shape: Flax kernel shape, output channels last.
+    kind: its kind (:mod:`gdnsq_jax.layer_kinds`), e.g. 'conv', 'dense',
+      'dense_general', 'einsum', 'embed'.
+    kernel_shape: Flax kernel (or embedding) shape.
     macs: multiply-accumulates per example.
     batch_norm: path of the inference-mode BatchNorm that consumes exactly
       this layer's output (foldable), else None.
     batch_norm_epsilon: that BatchNorm's epsilon.
-    explicit: the layer is an explicit ``QuantConv`` / ``QuantDense``.
-    last_call: position of its last call among all conv / dense calls.
+    explicit: the layer is an explicit Quant layer (``QuantConv``, ...).
+    last_call: position of its last call among all weight-layer calls.
   """
 
   path: str
@@ -52,8 +56,20 @@ class TracedLayer:
   last_call: int = 0
 
 
-def _is_layer(module: nn.Module) -> bool:
-  return isinstance(module, (nn.Conv, nn.Dense))
+_FOLDABLE_KINDS = ("conv", "dense", "dense_general")  # channels last in out
+
+
+def _macs(kind, module, x, weight_shape, out, extra_args, kwargs) -> int:
+  """Multiply-accumulates per example: outputs x entries per channel."""
+  if kind == "embed" or not hasattr(out, "shape"):
+    return 0
+  if kind in layer_kinds.QUANTIZABLE:
+    axes = layer_kinds.channel_axes(module, x, weight_shape, extra_args, kwargs)
+    per_output = channels.entries_per_channel(
+        weight_shape, channels.step_shape(weight_shape, axes))
+  else:
+    per_output = int(np.prod(weight_shape[:-1]))
+  return int(np.prod(out.shape[1:])) * per_output
 
 
 def _first_input(args, kwargs, name):
@@ -66,7 +82,7 @@ def trace_calls(
     kwargs: Mapping[str, Any],
     variables: Optional[Mapping[str, Any]] = None,
 ) -> list[TracedLayer]:
-  """Finds every conv / dense call, its MACs and a BatchNorm consuming it.
+  """Finds every weight-layer call, its MACs and a BatchNorm consuming it.
 
   The model runs abstractly (``jax.eval_shape``; nothing is allocated) under
   ``nn.intercept_methods``: ``model.init`` when ``variables`` is None, else
@@ -105,10 +121,13 @@ def trace_calls(
       out = next_fun(*call_args, **call_kwargs)
     finally:
       active.discard(path)
-    if _is_layer(module):
+    kind = layer_kinds.weight_kind(module)
+    if kind is not None:
       x = _first_input(call_args, call_kwargs, "inputs")
-      kernel = module.get_variable("params", "kernel")
-      calls.append(("/".join(module.path), module, tuple(kernel.shape), out))
+      shape = tuple(module.get_variable(
+          "params", layer_kinds.weight_param_name(kind)).shape)
+      macs = _macs(kind, module, x, shape, out, call_args[1:], call_kwargs)
+      calls.append(("/".join(module.path), module, kind, shape, out, macs))
       inputs_seen.append(x)
     elif isinstance(module, nn.BatchNorm):
       x = _first_input(call_args, call_kwargs, "x")
@@ -143,19 +162,18 @@ def trace_calls(
   count = lambda path, items: sum(item[0] == path for item in items)
   last_call = {path: i for i, (path, *_) in enumerate(calls)}
   layers, seen = [], set()
-  for path, module, kernel_shape, out in calls:
+  for path, module, kind, kernel_shape, out, macs in calls:
     if path in seen:
       continue
     seen.add(path)
     bn, epsilon = None, None
     for bn_path, x, foldable, eps in norms:
-      if (x is out and foldable and count(path, calls) == 1
+      if (x is out and foldable and kind in _FOLDABLE_KINDS
+          and count(path, calls) == 1
           and count(bn_path, norms) == 1
           and sum(y is out for y in inputs_seen) == 1):
         bn, epsilon = bn_path, eps
-    macs = int(np.prod(out.shape[1:])) * int(np.prod(kernel_shape[:-1]))
-    kind = "conv" if isinstance(module, nn.Conv) else "dense"
-    explicit = isinstance(module, (qlayers.QuantConv, qlayers.QuantDense))
+    explicit = isinstance(module, qlayers.EXPLICIT_LAYERS)
     layers.append(TracedLayer(path, kind, kernel_shape, macs, bn, epsilon,
                               explicit, last_call[path]))
   return layers

@@ -13,12 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gdnsq_jax import activation_quantizer
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
 from gdnsq_jax import interception
 from gdnsq_jax import layers
-from gdnsq_jax import quantizers
 from train import models
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -116,14 +114,14 @@ class ActivationCalibrationTest(absltest.TestCase):
     expected = {"conv_a/input_quantizer": (
         min(float(b.min()) for b in batches),
         max(float(b.max()) for b in batches))}
-    # conv_b's input, recomputed with the calibrated conv_a weights and
-    # conv_a's input quantizer at its 20-bit init (b = 0 clamps negatives).
+    # conv_b's input is that of the FP network (docs/method.md §6: observed
+    # with every quantizer off, so nothing upstream clamps the negative
+    # inputs of conv_a to an initial grid).
     conv_a = params["conv_a"]
-    qk = quantizers.quantize_weight(conv_a["kernel"], conv_a["log2_step"])
     inputs_b = [
         jax.nn.relu(lax.conv_general_dilated(
-            activation_quantizer.quantize_activation(b, -10.0, 10.0, 0.0), qk, (1, 1),
-            "SAME", dimension_numbers=_DN) + conv_a["bias"])
+            b, conv_a["kernel"], (1, 1), "SAME", dimension_numbers=_DN)
+            + conv_a["bias"])
         for b in batches
     ]
     expected["conv_b/input_quantizer"] = (
@@ -280,6 +278,65 @@ class ActivationWidthTest(absltest.TestCase):
     summary = bitwidths.summarize_bitwidths(
         calibrated, activation_widths=both)
     self.assertEqual(summary.activation_layers, both)
+
+
+class FullPrecisionObservationTest(absltest.TestCase):
+  """Observation runs on the FP network (docs/method.md §6)."""
+
+  class _Bottleneck(nn.Module):
+    """LayerNorm -> dense (signed output) -> dense -> relu -> dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Dense(6, name="a")(nn.LayerNorm(name="norm")(x))
+      x = nn.relu(nn.Dense(5, name="b")(x))
+      return nn.Dense(3, name="c")(x)
+
+  def _setup(self, settings=None):
+    model = self._Bottleneck()
+    x = _x((8, 4), seed=8)
+    q = interception.quantize_model(
+        model, x, settings=settings,
+        rules={"quantize_stem": True, "quantize_classifier": True})
+    fp = model.init(jax.random.key(1), x)
+    v = interception.add_quantizer_params(
+        fp, jax.eval_shape(q.init, jax.random.key(0), x))
+    return model, q, fp, v, x
+
+  def test_negative_inputs_are_observed_unclipped(self):
+    model, q, fp, v, x = self._setup()
+    result = calibration.calibrate(q, v, [x])
+    _, inter = model.apply(fp, x, capture_intermediates=True)
+    inter = inter["intermediates"]
+    for path, value in (("a", inter["norm"]["__call__"][0]),
+                        ("b", inter["a"]["__call__"][0])):
+      low, high = result.activation_ranges[f"{path}/input_quantizer"]
+      self.assertLess(low, 0.0)  # the 20-bit init clamp [0, 1024) would cut
+      np.testing.assert_allclose((low, high),
+                                 (float(value.min()), float(value.max())),
+                                 rtol=1e-6)
+    sixteen = calibration.calibrate(q, v, [x], bits=16).variables
+    got, want = q.apply(sixteen, x), model.apply(fp, x)
+    self.assertLess(float(jnp.abs(got - want).max() / jnp.abs(want).max()),
+                    1e-3)
+
+  def test_unsigned_if_nonnegative_freezes_clamp_low_at_zero(self):
+    _, q, _, v, x = self._setup(
+        layers.QuantSettings(unsigned_if_nonnegative=True))
+    result = calibration.calibrate(q, v, [x])
+    params = result.variables["params"]
+    c_low, c_high = result.activation_ranges["c/input_quantizer"]
+    self.assertGreaterEqual(c_low, 0.0)  # after the ReLU
+    self.assertEqual(float(params["c"]["input_quantizer"]["clamp_low"]), 0.0)
+    np.testing.assert_allclose(
+        2.0 ** float(params["c"]["input_quantizer"]["log2_step"]),
+        c_high / 1023, rtol=1e-5)
+    self.assertFalse(result.trainable["c"]["input_quantizer"]["clamp_low"])
+    # A signed input keeps its learnable b = m.
+    b_low, _ = result.activation_ranges["b/input_quantizer"]
+    self.assertEqual(float(params["b"]["input_quantizer"]["clamp_low"]),
+                     np.float32(b_low))
+    self.assertTrue(result.trainable["b"]["input_quantizer"]["clamp_low"])
 
 
 if __name__ == "__main__":

@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import bitwidths
+from gdnsq_jax import calibration
 from gdnsq_jax import interception
 from gdnsq_jax import layers
+from gdnsq_jax import penalty
 from tests import layer_setup
+from train import mobilenet
 from train import models
+from train import steps
+from train import vit
 
 
 
@@ -227,6 +233,137 @@ class ResNetPlacementTest(parameterized.TestCase):
         r"\['params/head/bias: \(4,\) vs \(3,\)'\]",
     ):
       interception.add_quantizer_params(fp, quantized)
+
+
+def _weight_owners(fp_params):
+  """Paths of every param dict holding a kernel (the weight ops)."""
+  flat = jax.tree_util.tree_leaves_with_path(fp_params)
+  return {"/".join(str(k.key) for k in p[:-1]) for p, _ in flat
+          if p[-1].key == "kernel"}
+
+
+_ANY_MODELS = (
+    ("resnet", lambda: models.ResNet20(stage_widths=(4, 8, 8),
+                                       blocks_per_stage=(1, 1, 1)),
+     (4, 8, 8, 3)),
+    ("vit", layer_setup.TinyViT, (4, 8, 8, 1)),
+    ("mobilenet", layer_setup.TinyMobileNet, (4, 8, 8, 3)),
+    ("zoo_vit", lambda: vit.ViT(hidden_size=16, num_layers=1, num_heads=2,
+                                mlp_dim=32), (4, 8, 8, 1)),
+    ("zoo_mobilenet_v2", lambda: mobilenet.MobileNetV2(
+        stage_widths=(8, 12), blocks_per_stage=(1, 2), stage_strides=(1, 2),
+        expansions=(1, 4), stem_width=8, head_width=16), (4, 8, 8, 1)),
+)
+
+
+class AnyLinenModelTest(parameterized.TestCase):
+  """A ResNet, a ViT and a MobileNetV2 written with stock Linen layers."""
+
+  def _setup(self, make, shape, bits=4):
+    model = make()
+    x = layer_setup.normal(shape, seed=3)
+    qmodel = interception.quantize_model(
+        model, x[:1], settings=layers.QuantSettings(
+            weight_bits=bits, activation_bits=bits), train=False)
+    fp = layer_setup.random_variables(model.init, x[:1], train=False)
+    v = interception.add_quantizer_params(
+        fp, jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x,
+                                                 train=False), x[:1]))
+    return model, qmodel, fp, v, x
+
+  @parameterized.named_parameters(*_ANY_MODELS)
+  def test_every_weight_op_is_reported_and_16_bits_match_fp(self, make, shape):
+    model, qmodel, fp, v, x = self._setup(make, shape)
+    rows = interception.quantization_report(qmodel)
+    self.assertEqual({r.path for r in rows}, _weight_owners(fp["params"]))
+    self.assertTrue(all(r.reason for r in rows))
+    result = calibration.calibrate(qmodel, v, [x], bits=16,
+                                   apply_kwargs={"train": False})
+    got = jax.jit(lambda v, x: qmodel.apply(v, x, train=False))(
+        result.variables, x)
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(fp, x)
+    rel = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    self.assertLess(rel, 1e-3)
+
+  @parameterized.named_parameters(*_ANY_MODELS)
+  def test_jitted_train_step_traces_once(self, make, shape):
+    chex.clear_trace_counter()  # the step's code is shared by the models
+    model, qmodel, fp, v, x = self._setup(make, shape, bits=2)
+    tx = penalty.gdnsq_optimizer(
+        bitwidths.differentiable_bitwidths, learning_rate=1e-2, weight_bits=2,
+        activation_bits=2, warmup_steps=1, gamma=0.99)
+    v = calibration.calibrate(qmodel, v, [x],
+                              apply_kwargs={"train": False}).variables
+    trainable = jax.tree.map(lambda _: jnp.asarray(True), v["params"])
+    state = steps.create_state(v, tx, trainable,
+                               jax.random.key_data(jax.random.key(0)))
+    step = jax.jit(chex.assert_max_traces(steps.make_train_step(
+        qmodel, tx, steps.make_task_loss("jeffreys", 1.0),
+        teacher_model=model), n=1))
+    batch = {"image": x, "label": jnp.arange(len(x)) % 10}
+    state, _ = step(state, batch, fp)
+    state, metrics = step(state, dict(batch, image=x + 0.5), fp)
+    self.assertTrue(np.isfinite(float(metrics["train/loss"])))
+    self.assertEqual(int(state.step), 2)
+
+  def test_vit_projections_and_mlp_are_quantized_by_default(self):
+    _, qmodel, _, v, _ = self._setup(layer_setup.TinyViT, (4, 8, 8, 1))
+    rows = {r.path: r for r in qmodel.layers}
+    projections = {f"block{i}_attention/{p}" for i in (1, 2)
+                   for p in ("query", "key", "value", "out")}
+    mlp = {f"block{i}_mlp{j}" for i in (1, 2) for j in (1, 2)}
+    self.assertEqual(qmodel.quantized_paths, projections | mlp)
+    self.assertEqual((rows["patch_embedding"].role, rows["head"].role),
+                     ("stem", "classifier"))
+    self.assertEqual(rows["block1_attention/query"].kind, "dense_general")
+    attention = v["params"]["block1_attention"]
+    # One step per output channel: (heads, head_dim) for q / k / v, the
+    # model width for the output projection.
+    self.assertEqual(attention["query"]["log2_step"].shape, (2, 8))
+    self.assertEqual(attention["out"]["log2_step"].shape, (16,))
+    self.assertIn("input_quantizer", attention["value"])
+
+  def test_depthwise_convs_get_one_step_per_output_channel(self):
+    _, qmodel, _, v, _ = self._setup(layer_setup.TinyMobileNet, (4, 8, 8, 3))
+    rows = {r.path: r for r in qmodel.layers}
+    self.assertTrue(rows["block1_depthwise"].quantized)
+    self.assertEqual(rows["block1_depthwise"].kernel_shape, (3, 3, 1, 32))
+    self.assertEqual(v["params"]["block1_depthwise"]["log2_step"].shape,
+                     (32,))
+    self.assertEqual(v["params"]["block2_depthwise"]["log2_step"].shape,
+                     (32,))
+    self.assertEqual(rows["block1_project"].reason,
+                     "1x1 conv (quantize_1x1=False)")
+    q = interception.quantize_model(
+        layer_setup.TinyMobileNet(), layer_setup.normal((1, 8, 8, 3)),
+        rules={"quantize_1x1": True}, train=False)
+    self.assertEqual({r.path for r in q.layers if not r.quantized},
+                     {"stem", "classifier"})
+
+  def test_unsupported_weight_layers_are_listed_as_fp(self):
+
+    class WithEmbed(nn.Module):
+
+      @nn.compact
+      def __call__(self, tokens):
+        x = nn.Embed(7, 4, name="embed")(tokens)
+        x = nn.ConvTranspose(4, (3,), name="up")(x)
+        w = self.param("kernel", nn.initializers.ones, (4, 4))
+        x = nn.Dense(4, name="hidden")(x @ w)
+        return nn.Einsum((4, 3), "btd,dc->btc", name="head")(x)
+
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    q = interception.quantize_model(WithEmbed(), tokens)
+    rows = {r.path: (r.kind, r.role, r.quantized) for r in q.layers}
+    self.assertEqual(rows, {
+        "embed": ("embed", "stem", False),
+        "up": ("conv_transpose", "", False),
+        "hidden": ("dense", "", True),
+        "head": ("einsum", "classifier", False),
+        "": ("other", "", False),
+    })
+    self.assertEqual(q.layers[1].reason, "conv_transpose: not quantizable "
+                     "(stays FP)")
 
 
 if __name__ == "__main__":

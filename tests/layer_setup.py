@@ -93,3 +93,72 @@ def variables(init_fn, *args, seed=0, **kwargs):
 
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
   return dict(variables, params=coarse(variables["params"]))
+
+
+class TinyViT(nn.Module):
+  """A stock-layer ViT: patch conv, pre-LN blocks with MHA and an MLP."""
+
+  hidden: int = 16
+  heads: int = 2
+  blocks: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.Conv(self.hidden, (4, 4), strides=4, padding="VALID",
+                name="patch_embedding")(x)
+    x = x.reshape(x.shape[0], -1, self.hidden)
+    x = x + self.param("position_embedding", nn.initializers.normal(0.02),
+                       (1,) + x.shape[1:])
+    for i in range(1, self.blocks + 1):
+      y = nn.LayerNorm(name=f"block{i}_norm1")(x)
+      y = nn.MultiHeadDotProductAttention(
+          num_heads=self.heads, name=f"block{i}_attention")(y, y)
+      x = x + y
+      y = nn.LayerNorm(name=f"block{i}_norm2")(x)
+      y = nn.gelu(nn.Dense(2 * self.hidden, name=f"block{i}_mlp1")(y))
+      x = x + nn.Dense(self.hidden, name=f"block{i}_mlp2")(y)
+    x = nn.LayerNorm(name="final_norm")(x).mean(axis=1)
+    return nn.Dense(10, name="head")(x)
+
+
+class TinyMobileNet(nn.Module):
+  """A stock-layer MobileNetV2: inverted residuals, depthwise convs, linear
+  bottlenecks (the projection has no ReLU, so the next block's input and the
+  residual sums are signed)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
+    x = nn.relu6(bn("stem_bn")(nn.Conv(8, (3, 3), strides=2, use_bias=False,
+                                       name="stem")(x)))
+    for i, (width, stride) in enumerate(((8, 1), (12, 2)), start=1):
+      y = nn.relu6(bn(f"block{i}_expand_bn")(nn.Conv(
+          4 * x.shape[-1], (1, 1), use_bias=False, name=f"block{i}_expand")(x)))
+      y = nn.relu6(bn(f"block{i}_depthwise_bn")(nn.Conv(
+          y.shape[-1], (3, 3), strides=stride, use_bias=False,
+          feature_group_count=y.shape[-1], name=f"block{i}_depthwise")(y)))
+      y = bn(f"block{i}_project_bn")(nn.Conv(
+          width, (1, 1), use_bias=False, name=f"block{i}_project")(y))
+      x = x + y if stride == 1 and width == x.shape[-1] else y
+    x = nn.relu6(bn("head_bn")(nn.Conv(16, (1, 1), use_bias=False,
+                                       name="head_conv")(x)))
+    return nn.Dense(10, name="classifier")(x.mean(axis=(1, 2)))
+
+
+def random_variables(init_fn, *args, seed=0, **kwargs):
+  """FP variables of ``init_fn``'s tree: weights N(0, 0.3^2), BatchNorm
+  scale N(1, 0.2^2), running variance U(0.5, 1.5) (no real init is run)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda *a: init_fn(*a, **kwargs),
+                          jax.random.key(0), *args)
+
+  def fill(path, s):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names[-1] == "var":
+      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+    if names[-1] == "scale":
+      return jnp.asarray(rng.normal(1.0, 0.2, s.shape), s.dtype)
+    return jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

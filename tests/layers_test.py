@@ -137,5 +137,53 @@ class QuantLayerTest(chex.TestCase):
       layers.QuantSettings(weight_bits=0)
 
 
+class GeneralLayerTest(chex.TestCase):
+  """QuantDenseGeneral / QuantEinsum: per-output-channel steps, any layout."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quant_dense_general_equals_op_of_quantized_operands(self):
+    layer = layers.QuantDenseGeneral((2, 3), axis=(-2, -1))
+    x = layer_setup.normal((4, 5, 6))
+    params = layer_setup.variables(layer.init, x)["params"]
+    self.assertEqual(params["kernel"].shape, (5, 6, 2, 3))
+    self.assertEqual(params["log2_step"].shape, (2, 3))
+    y = self.variant(lambda p, x: layer.apply({"params": p}, x))(params, x)
+    qx = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
+    qk = quantizers.quantize_weight(
+        params["kernel"].reshape(30, 6), jnp.full((6,), -3.0)
+    ).reshape(5, 6, 2, 3)
+    expected = jnp.einsum("bij,ijkl->bkl", qx, qk) + params["bias"]
+    chex.assert_trees_all_close(y, expected, atol=1e-5)
+
+  def test_quant_einsum_with_leading_output_channel(self):
+    layer = layers.QuantEinsum((4, 6), "bd,hd->bh")
+    x = layer_setup.normal((3, 6))
+    params = layer_setup.variables(layer.init, x)["params"]
+    self.assertEqual(params["log2_step"].shape, (4, 1))
+    y = layer.apply({"params": params}, x)
+    qx = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
+    qk = quantizers.quantize_weight(params["kernel"].T,
+                                    jnp.full((4,), -3.0)).T
+    chex.assert_trees_all_close(y, qx @ qk.T + params["bias"], atol=1e-5)
+    # The equation may also come with the call.
+    late = layers.QuantEinsum((4, 6))
+    chex.assert_trees_all_close(
+        late.apply({"params": params}, x, "bd,hd->bh"), y)
+
+  def test_depthwise_conv_has_one_step_per_output_channel(self):
+    conv = layers.QuantConv(6, (3, 3), feature_group_count=3)
+    x = layer_setup.normal((2, 5, 5, 3))
+    params = layer_setup.variables(conv.init, x)["params"]
+    self.assertEqual(params["kernel"].shape, (3, 3, 1, 6))
+    self.assertEqual(params["log2_step"].shape, (6,))
+    qx = activation_quantizer.quantize_activation(x, -2.0, 1.0, -0.25)
+    qk = quantizers.quantize_weight(params["kernel"], jnp.full((6,), -3.0))
+    expected = lax.conv_general_dilated(
+        qx, qk, (1, 1), "SAME", dimension_numbers=_DN,
+        feature_group_count=3) + params["bias"]
+    chex.assert_trees_all_close(conv.apply({"params": params}, x), expected,
+                                atol=1e-5)
+
+
 if __name__ == "__main__":
   absltest.main()
