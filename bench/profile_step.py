@@ -1,7 +1,9 @@
 """Where the time of one train step goes: a profiler trace, summarised.
 
 Builds the steps of :mod:`bench.speed` (same models, data and configs),
-traces ``--steps`` calls of each with ``jax.profiler`` and prints, per
+prints the executed ops of each step's optimized HLO by part
+(:func:`hlo_op_counts`: fusions, copies, ... -- about one kernel each on a
+GPU), traces ``--steps`` calls of each with ``jax.profiler`` and prints, per
 configuration, the device time by kernel (or by XLA op on a CPU) grouped by
 the part of the model it belongs to (read from the optimized HLO's op_name
 metadata: quantizer, teacher, optimizer, convolution, ...), then the top
@@ -49,7 +51,10 @@ def _part(op_name: str) -> str:
   """The part of a train step an XLA op belongs to, from its op_name."""
   if op_name.startswith("command_buffer"):  # CUDA graph of several kernels
     return "command buffers (several parts; not attributed)"
-  if "threefry" in op_name or "random_bits" in op_name:
+  if "fold_in" in op_name:  # flax make_rng: a threefry fold-in per key
+    return "dither keys (fold_in)"
+  if ("threefry" in op_name or "random_bits" in op_name
+      or "iota_2x32_shape" in op_name or "/while/" in op_name):
     return "dither random bits"
   model = re.search(r"(transpose\(jvp\(|jvp\()?([A-Z]\w*)\)*/(.*)",
                     op_name)
@@ -70,6 +75,74 @@ def _part(op_name: str) -> str:
   else:
     part = "other layers"
   return f"student {part} ({pass_})"
+
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}$",
+                          re.S | re.M)
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$")
+_NOT_EXECUTED = frozenset({
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast",
+    "after-all", "call", "while", "conditional"})
+"""Opcodes that launch no work themselves (``call`` / ``while`` /
+``conditional`` bodies are counted instead)."""
+
+
+def hlo_op_counts(hlo_text: str) -> collections.Counter:
+  """Executed ops of an optimized HLO module, by (part, opcode).
+
+  Counts every instruction of the entry computation and of the computations
+  it runs (``call``, ``while`` body and condition, ``conditional``
+  branches, recursively) except those in :data:`_NOT_EXECUTED`: fusions,
+  copies, convolutions, custom calls, ... -- on a GPU roughly one kernel
+  each. A ``while`` body counts once, whatever its trip count. The part is
+  read from the op's ``op_name`` metadata as in :func:`summarize_trace`.
+  """
+  bodies, entry = {}, None
+  for m in _COMPUTATION.finditer(hlo_text):
+    bodies[m.group(2)] = m.group(3)
+    if m.group(1):
+      entry = m.group(2)
+  names = _instruction_names(hlo_text)
+  counts = collections.Counter()
+  pending, seen = [entry], set()
+  while pending:
+    computation = pending.pop()
+    if computation in seen or computation not in bodies:
+      continue
+    seen.add(computation)
+    for line in bodies[computation].split("\n"):
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      name, opcode, rest = m.groups()
+      if opcode in ("call", "while", "conditional"):
+        pending += re.findall(
+            r"(?:to_apply|condition|body|true_computation|false_computation)"
+            r"=%?([\w.\-]+)", rest)
+        for branches in re.findall(r"branch_computations=\{([^}]*)\}", rest):
+          pending += [b.strip().lstrip("%") for b in branches.split(",")]
+      if opcode not in _NOT_EXECUTED:
+        counts[(_part(names.get(name, "")), opcode)] += 1
+  return counts
+
+
+def format_op_counts(counts: collections.Counter) -> list[str]:
+  """Lines of a table of :func:`hlo_op_counts`: ops per part, by opcode."""
+  parts = collections.defaultdict(collections.Counter)
+  for (part, opcode), n in counts.items():
+    parts[part]["fusion" if opcode == "fusion" else
+                "copy" if opcode == "copy" else "other"] += n
+  lines = [f"{'part':<44} {'ops':>5} {'fusion':>6} {'copy':>5} {'other':>5}"]
+  for part, c in sorted(parts.items(), key=lambda kv: -sum(kv[1].values())):
+    lines.append(f"{part:<44} {sum(c.values()):>5} {c['fusion']:>6} "
+                 f"{c['copy']:>5} {c['other']:>5}")
+  total = collections.Counter()
+  for c in parts.values():
+    total.update(c)
+  lines.append(f"{'total executed HLO ops':<44} {sum(total.values()):>5} "
+               f"{total['fusion']:>6} {total['copy']:>5} {total['other']:>5}")
+  return lines
 
 
 def summarize_trace(path: str, hlo_text: str, steps: int, top: int = 25):
@@ -128,6 +201,8 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--out", default="runs/profile")
+  parser.add_argument("--no-trace", action="store_true",
+                      help="only count the HLO ops (no profiler trace)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   variables, batch = speed.random_inputs(args.model, args.batch)
@@ -139,6 +214,10 @@ def main(argv=None) -> None:
     hlo = step.lower(*step_args).compile().as_text()
     with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
       f.write(hlo)
+    print(f"\n== {name}: executed HLO ops by part", flush=True)
+    print("\n".join(format_op_counts(hlo_op_counts(hlo))), flush=True)
+    if args.no_trace:
+      continue
     for _ in range(3):
       jax.block_until_ready(step(*step_args))
     trace_dir = os.path.join(args.out, f"trace_{name}")

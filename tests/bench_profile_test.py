@@ -39,6 +39,57 @@ class PartTest(absltest.TestCase):
                      "optimizer, penalty, loss, metrics")
     self.assertEqual(part("jit(_threefry_split)/threefry2x32"),
                      "dither random bits")
+    self.assertEqual(
+        part("jit(train_step)/jvp(ResNet20)/stage1_block1/conv1/"
+             "jit(_threefry_fold_in)/train_step/while"),
+        "dither keys (fold_in)")
+
+
+_HLO_WITH_LOOPS = """
+%fused_1 (p: f32[8]) -> f32[8] {
+  ROOT %m = f32[8] multiply(%p, %p), metadata={op_name="jit(train_step)/mul"}
+}
+
+%body (t: (s32[], u32[2])) -> (s32[], u32[2]) {
+  %t = (s32[], u32[2]) parameter(0)
+  %fusion.7 = u32[2] fusion(%t), kind=kLoop, calls=%fused_1, metadata={op_name="jit(train_step)/jvp(ResNet20)/conv1/jit(_threefry_fold_in)/while/body/add"}
+  ROOT %tuple.1 = (s32[], u32[2]) tuple(%t, %fusion.7)
+}
+
+%cond (t: (s32[], u32[2])) -> pred[] {
+  %t = (s32[], u32[2]) parameter(0)
+  ROOT %lt = pred[] fusion(%t), kind=kLoop, calls=%fused_1, metadata={op_name="jit(train_step)/jvp(ResNet20)/conv1/jit(_threefry_fold_in)/while/cond/lt"}
+}
+
+%loop (t: (s32[], u32[2])) -> (s32[], u32[2]) {
+  %t = (s32[], u32[2]) parameter(0)
+  ROOT %while.1 = (s32[], u32[2]) while(%t), condition=%cond, body=%body
+}
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8] parameter(0)
+  %c = s32[] constant(0)
+  %call = (s32[], u32[2]) call(%p), to_apply=%loop
+  %fusion.1 = f32[8] fusion(%p), kind=kLoop, calls=%fused_1, metadata={op_name="jit(train_step)/transpose(jvp(ResNet20))/stage1_block1/conv1/input_quantizer/mul"}
+  %copy.2 = f32[8] copy(%p)
+  ROOT %fusion.4 = f32[8] fusion(%copy.2), kind=kLoop, calls=%fused_1, metadata={op_name="jit(train_step)/add"}
+}
+"""
+
+
+class OpCountTest(absltest.TestCase):
+
+  def test_counts_entry_and_loop_bodies_not_fused_computations(self):
+    counts = profile_step.hlo_op_counts(_HLO_WITH_LOOPS)
+    self.assertEqual(dict(counts), {
+        ("student activation quantizer (backward)", "fusion"): 1,
+        ("optimizer, penalty, loss, metrics", "copy"): 1,
+        ("optimizer, penalty, loss, metrics", "fusion"): 1,
+        ("dither keys (fold_in)", "fusion"): 2,  # while body and condition
+    })
+    text = "\n".join(profile_step.format_op_counts(counts))
+    self.assertRegex(text, r"dither keys \(fold_in\)\s+2\s+2\s+0\s+0")
+    self.assertRegex(text, r"total executed HLO ops\s+5\s+4\s+1\s+0")
 
 
 class SummaryTest(absltest.TestCase):
