@@ -28,6 +28,7 @@ Variants:
   oneshot_w1a1_lr2.5e-3      (a), (b) at W1A1 with a 10x lower learning rate
   lsq_w1a1_lr2.5e-3
   oneshot_w1a1_batchstats    (a) at W1A1 calibrated on training-mode batches
+  w2a2_teacher_bf16          W2A2 with the teacher forward in bfloat16
 
 Each run is a subprocess (``--jobs`` at a time, each pinned to its own CPU
 core with single-threaded XLA when ``--jobs`` > 1: on a 2-core CPU two such
@@ -76,6 +77,8 @@ VARIANTS = {
     "oneshot_w1a1_batchstats": (1, 1, {"quant.gradual": False,
                                        "quant.calibrate_with_batch_stats":
                                        True}),
+    # The teacher forward in bfloat16 (teacher.dtype; 'auto' on accelerators).
+    "w2a2_teacher_bf16": (2, 2, {"teacher.dtype": "bfloat16"}),
 }
 
 # Targets of issue 6: variant -> largest accepted drop below FP (pp).
