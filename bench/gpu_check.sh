@@ -7,7 +7,8 @@
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     -d .whl ml_collections==1.1.0 tensorboardX==2.6.5 tqdm flatbuffers
+#     -d .whl ml_collections==1.1.0 tensorboardX==2.6.5 tqdm flatbuffers \
+#     grain array_record dm-tree cloudpickle more-itertools
 #
 # and the call: run(command="bash bench/gpu_check.sh", carry=[".whl"],
 #                   timeout_s=480)
@@ -15,12 +16,14 @@
 # 1000, and the W2A32 / W32A2 diagnostics), profile.txt +
 # w2a2-xla.hlo.txt.gz (where the step's GPU time goes), w2a2/results.json +
 # bitwidths.txt (short CIFAR-shaped W2A2 run on random data: throughput and
-# the bit-width descent, not accuracy), env.txt.
+# the bit-width descent, not accuracy), input_pipeline.txt (ResNet-20 W2A2
+# batch 1000: the bare step vs the whole loop fed by the grain pipeline and
+# by the train set kept on the device), env.txt.
 #
-# Arguments choose parts (default: all): speed profile train, e.g.
+# Arguments choose parts (default: all): speed profile train input, e.g.
 #   bash bench/gpu_check.sh speed profile
 set -uo pipefail
-PARTS=" ${*:-speed profile train} "
+PARTS=" ${*:-speed profile train input} "
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -75,5 +78,14 @@ timeout 150 python3 -m train.main --config configs/w2a2.py:cifar10 \
 mkdir -p "$OUT/w2a2"
 cp /tmp/w2a2_gpu/results.json /tmp/w2a2_gpu/bitwidths.txt \
   /tmp/w2a2_gpu/bitwidth_dynamics.png "$OUT/w2a2/" 2>/dev/null
+fi
+# 3. Loop efficiency on the GPU: ResNet-20 W2A2 at batch 1000, the bare
+#    compiled step on batches already on the device vs the whole loop
+#    (train.loop.run_steps) fed by the grain pipeline with device prefetch
+#    ("host") and by the train set kept on the device ("device"); goal:
+#    loop / bare >= 0.9.
+if [[ $PARTS == *" input "* ]]; then
+timeout 200 python3 -m bench.input_pipeline --parts loop --models resnet20 \
+  --batch 1000 --loop-steps 60 --repeats 3 2>&1 | tee "$OUT/input_pipeline.txt"
 fi
 echo "done: $OUT"

@@ -13,10 +13,11 @@ Prints three tables:
   (the main process at 0 workers, the workers otherwise): on a shared CPU it
   is steadier than the wall clock; ``1/cpu`` is the rate one idle core would
   give.
-* ``loop``: images/s of the training loop (batches from the pipeline,
-  the jitted GDNSQ W2A2 step, metrics read every ``--log-every`` steps, no
-  evaluation) over images/s of the same jitted step on batches already on
-  the devices, for the digits model and ResNet-20 on CIFAR-shaped data;
+* ``loop``: images/s of the program's loop (``train.loop.run_steps``:
+  batches from the pipeline, the compiled GDNSQ W2A2 step, metrics read
+  every ``--log-every`` steps, no evaluation) over images/s of the same
+  loop on four batches already on the devices (the bare step), for the
+  digits model and ResNet-20 on CIFAR-shaped data;
   ``host`` is the grain pipeline with device prefetch, ``device`` the train
   set kept on the devices (``train.device_data``).
 * ``overlap``: a stand-in step of fixed duration (a sleep: an accelerator
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -49,6 +51,7 @@ from configs import w2a2
 from train import data_sources
 from train import device_data
 from train import input_pipeline
+from train import loop
 from train import sharding
 
 PARTS = ("loader", "loop", "overlap")
@@ -190,30 +193,38 @@ def loader_table(args) -> str:
   return "\n".join(lines)
 
 
-def _w2a2_step(model_name: str, batch_size: int, mesh):
-  """(jitted W2A2 step, state, teacher variables, batch shape)."""
+def _w2a2_loop_state(model_name: str, batch_size: int, mesh):
+  """(compiled W2A2 train step, loop state, teacher variables) on ``mesh``.
+
+  The step of ``bench.speed`` (the program's GDNSQ step with the
+  ``configs/w2a2.py`` settings), compiled as the program compiles it
+  (``train.loop.compile_train_step``: shardings, donation).
+  """
   variables, batch = speed.random_inputs(model_name, batch_size)
   config = w2a2.get_config(speed.W2A2_PRESETS[model_name])
   model = speed.models.get_model(model_name, 10)
   step, (state, _, teacher) = speed.make_gdnsq_step(model, variables, batch,
                                                    config)
-  repl = sharding.replicated(mesh)
-  step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step,
-                 in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
-  return step, sharding.replicate(state, mesh), sharding.replicate(
-      teacher, mesh)
+  return (loop.compile_train_step(step, mesh),
+          sharding.replicate(loop.LoopState.initial(state), mesh),
+          sharding.replicate(teacher, mesh))
 
 
-def _run(step, state, teacher, batches, steps: int, log_every: int):
-  """(images/s-free) seconds of ``steps`` loop iterations, and the state."""
+def _run(train_step, loop_state, teacher, batches, steps: int, mesh,
+         log_every: int):
+  """Seconds of ``steps`` iterations of the program's loop, and its state.
+
+  ``train.loop.run_steps``: the step, a host read of the metrics and the
+  non-finite check every ``log_every`` steps; no evaluation.
+  """
+  start_step = int(jax.device_get(loop_state.train.step))
   start = time.perf_counter()
-  for i in range(1, steps + 1):
-    state, metrics = step(state, next(batches), teacher)
-    if i % log_every == 0:
-      jax.device_get(metrics)
-  jax.block_until_ready(state)
-  return time.perf_counter() - start, state
+  loop_state, _ = loop.run_steps(
+      train_step, loop_state, batches, teacher, mesh=mesh,
+      num_steps=start_step + steps, log_every=(log_every,),
+      log=lambda step, metrics: None, fix="")
+  jax.block_until_ready(loop_state)
+  return time.perf_counter() - start, loop_state
 
 
 def loop_table(args) -> str:
@@ -224,9 +235,10 @@ def loop_table(args) -> str:
     batch = args.batch or (64 if model_name == "digits_resnet" else 1000)
     dataset = (input_pipeline.load_dataset("digits")
                if model_name == "digits_resnet" else cifar_shaped())
-    step, state, teacher = _w2a2_step(model_name, batch, mesh)
-    placed = [sharding.host_to_global(b, mesh) for b, _ in zip(
-        input_pipeline.train_batches(dataset, global_batch_size=batch), range(4))]
+    step, state, teacher = _w2a2_loop_state(model_name, batch, mesh)
+    with input_pipeline.train_batches(dataset, global_batch_size=batch,
+                                      mesh=mesh) as it:
+      placed = [next(it) for _ in range(4)]
     streams = {
         "host": lambda: input_pipeline.train_batches(
             dataset, global_batch_size=batch, mesh=mesh, workers=0),
@@ -234,17 +246,17 @@ def loop_table(args) -> str:
             dataset, global_batch_size=batch, seed=0, mesh=mesh),
     }
     steps = args.loop_steps or (60 if model_name == "digits_resnet" else 6)
+    bare = lambda: (placed[i % 4] for i in itertools.count())
+    _, state = _run(step, state, teacher, bare(), 2, mesh, args.log_every)
     times = {"bare": [], "host": [], "device": []}
-    bare = iter(lambda: placed[0], None)
-    _, state = _run(step, state, teacher, bare, 3, args.log_every)  # compile
     for _ in range(args.repeats):
-      seconds, state = _run(step, state, teacher, iter(
-          placed[i % 4] for i in range(steps)), steps, args.log_every)
+      seconds, state = _run(step, state, teacher, bare(), steps, mesh,
+                            args.log_every)
       times["bare"].append(seconds)
       for name, make in streams.items():
         with make() as batches:
-          next(batches)  # start-up (compiles the placement / batch function)
-          seconds, state = _run(step, state, teacher, batches, steps,
+          jax.block_until_ready(next(batches))  # start-up, compiles
+          seconds, state = _run(step, state, teacher, batches, steps, mesh,
                                 args.log_every)
         times[name].append(seconds)
     bare_rate = steps * batch / statistics.median(times["bare"])

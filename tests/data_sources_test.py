@@ -10,10 +10,7 @@ import numpy as np
 
 from train import data_sources as ip
 from train import input_pipeline
-import input_pipeline_test
-
-_tempdir = input_pipeline_test._tempdir
-_write_npz = input_pipeline_test._write_npz
+from tests import data_setup
 
 
 class DigitsTest(absltest.TestCase):
@@ -59,8 +56,8 @@ class DigitsTest(absltest.TestCase):
 class NpzTest(absltest.TestCase):
 
   def test_images_labels_round_trip_adds_channel(self):
-    directory = _tempdir(self)
-    path = _write_npz(directory, count=50)
+    directory = data_setup.tempdir(self)
+    path = data_setup.write_npz(directory, count=50)
     with np.load(path) as arrays:
       images = arrays["images"]
     ds = ip.load_dataset(path, validation_size=10)
@@ -76,7 +73,7 @@ class NpzTest(absltest.TestCase):
         ds, "test", global_batch_size=8)))
 
   def test_train_test_arrays_and_bad_dtype(self):
-    directory = _tempdir(self)
+    directory = data_setup.tempdir(self)
     images = np.full((4, 3, 3, 2), 9, np.uint8)
     path = os.path.join(directory, "tt.npz")
     np.savez(path, train_images=images, train_labels=[0, 1, 2, 3],

@@ -12,14 +12,14 @@ from train import data_sources
 from train import device_data
 from train import input_pipeline as ip
 from train import sharding
-import input_pipeline_test
+from tests import data_setup
 
 
 class DeviceBatchesTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    path = input_pipeline_test._write_npz(input_pipeline_test._tempdir(self))
+    path = data_setup.write_npz(data_setup.tempdir(self))
     self.ds = ip.load_dataset(path, validation_size=0, augmentation="shift")
     self.mesh = sharding.make_mesh()
 
@@ -73,7 +73,7 @@ class DeviceBatchesTest(absltest.TestCase):
     self.assertFalse(device_data.use_device_data("auto", self.ds))
     with mock.patch.object(jax, "default_backend", return_value="gpu"):
       self.assertTrue(device_data.use_device_data("auto", self.ds))
-    lazy = input_pipeline_test._jpeg_split()
+    lazy = data_setup.jpeg_dataset()
     self.assertFalse(device_data.use_device_data("auto", lazy))
     with self.assertRaisesRegex(ValueError, "'on' needs a train set held in"):
       device_data.use_device_data("on", lazy)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
-import tempfile
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -15,23 +10,7 @@ import numpy as np
 from train import data_sources
 from train import input_pipeline as ip
 from train import sharding
-
-
-def _tempdir(test: absltest.TestCase) -> str:
-  """A fresh directory removed after the test (absl flags are not parsed)."""
-  directory = tempfile.mkdtemp()
-  test.addCleanup(shutil.rmtree, directory)
-  return directory
-
-
-def _write_npz(directory, count=103, height=6, width=5, channels=None):
-  """An npz whose label i is unique, so batches can be traced to examples."""
-  rng = np.random.default_rng(7)
-  shape = (count, height, width) + ((channels,) if channels else ())
-  path = os.path.join(directory, "toy.npz")
-  np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8),
-           labels=np.arange(count))
-  return path
+from tests import data_setup
 
 
 class AugmentTest(absltest.TestCase):
@@ -51,7 +30,7 @@ class BatchingTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.path = _write_npz(_tempdir(self))
+    self.path = data_setup.write_npz(data_setup.tempdir(self))
     self.ds = ip.load_dataset(self.path, validation_size=0,
                               augmentation="shift")
 
@@ -133,30 +112,11 @@ class BatchingTest(parameterized.TestCase):
 
 
 
-def _jpeg_split(count=12):
-  """A LazySplit of JPEG-bytes records, as ImageNet is read (uneven sizes)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  rng = np.random.default_rng(3)
-  records = []
-  for i in range(count):
-    height, width = 20 + i, 28 - i % 5
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-                    ).save(buf, "JPEG")
-    records.append({"image": buf.getvalue(), "label": i})
-  split = data_sources.LazySplit(records, np.arange(count))
-  return data_sources.Dataset(
-      "jpegs", split, split.subset(np.arange(4)), split.subset(np.arange(5)),
-      1000, (16, 16, 3), data_sources.IMAGENET_MEAN,
-      data_sources.IMAGENET_STD, "random_resized_crop")
-
-
 class GrainPipelineTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.ds = ip.load_dataset(_write_npz(_tempdir(self)), validation_size=0,
+    self.ds = ip.load_dataset(data_setup.write_npz(data_setup.tempdir(self)), validation_size=0,
                               augmentation="shift")
 
   def test_worker_processes_give_the_same_stream(self):
@@ -173,7 +133,7 @@ class GrainPipelineTest(parameterized.TestCase):
     inline.close()
 
   def test_lazy_jpeg_split_in_a_worker_matches_in_process(self):
-    ds = _jpeg_split()
+    ds = data_setup.jpeg_dataset()
     with ip.train_batches(ds, global_batch_size=4, seed=1) as inline:
       want = [next(inline) for _ in range(4)]
     with ip.train_batches(ds, global_batch_size=4, seed=1,
@@ -221,7 +181,7 @@ class GrainPipelineTest(parameterized.TestCase):
 
   def test_default_workers(self):
     self.assertEqual(ip.default_workers(self.ds), 0)
-    self.assertBetween(ip.default_workers(_jpeg_split()), 1, 16)
+    self.assertBetween(ip.default_workers(data_setup.jpeg_dataset()), 1, 16)
 
 
 if __name__ == "__main__":

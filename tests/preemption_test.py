@@ -19,13 +19,18 @@ class PreemptionGuardTest(absltest.TestCase):
       os.kill(os.getpid(), signal.SIGTERM)  # delivered before kill returns
       self.assertTrue(guard.received)
       self.assertTrue(guard.reached(2))
+      self.assertEqual(guard.stopped_at, 2)
     self.assertIs(signal.getsignal(signal.SIGTERM), before)
 
-  def test_message_names_step_and_directory(self):
+  def test_messages_name_step_and_directory(self):
     self.assertEqual(
-        preemption.message(7, "/w/checkpoints/7"),
-        "preempted: saved the checkpoint of step 7 to /w/checkpoints/7; "
-        "rerun the same command to resume")
+        str(preemption.Preempted(7, "/w/checkpoints/7")),
+        "preempted: GDNSQ saved the checkpoint of step 7 to "
+        "/w/checkpoints/7; rerun the same command to resume")
+    self.assertEqual(
+        preemption.message(3, None, "the FP teacher"),
+        "preempted: the FP teacher stopped after step 3; it keeps no "
+        "checkpoint, so the rerun of the same command starts it again")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ import numpy as np
 
 from gdnsq_jax import interception
 from train import checkpointing
+from train import data_loader
 from train import input_pipeline
 from train import sharding
 from train import steps
 from train import teacher as teacher_lib
 from train import train_lib
-import tiny_setup
+from tests import tiny_setup
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,11 +143,9 @@ class TrainProgramTest(absltest.TestCase):
         jax.random.key_data(jax.random.key(config.seed + 1))), mesh)
     step = jax.jit(steps.make_train_step(
         model, tx, steps.make_task_loss(steps.LABELS, 1.0), quantized=False))
-    batches = input_pipeline.train_batches(
-        dataset, global_batch_size=config.data.batch_size, seed=config.seed)
-    for _ in range(config.teacher.num_steps):
-      state, _ = step(state, sharding.host_to_global(next(batches), mesh),
-                      None)
+    with data_loader.train_stream(config, dataset, mesh) as batches:
+      for _ in range(config.teacher.num_steps):
+        state, _ = step(state, next(batches), None)
     trained = checkpointing.restore_variables(
         shared.teacher, teacher_lib.abstract_variables(model,
                                                        dataset.image_shape))
@@ -266,6 +265,74 @@ class TrainProgramTest(absltest.TestCase):
       state, _ = step(state, sharding.host_to_global(next(batches), mesh),
                       teacher_vars)
     self.assertEqual(int(state.step), 3)
+
+
+def _run_in_subprocess(workdir, workers, *signal_at):
+  """``tests.interrupted_run`` in a fresh process: (return code, output)."""
+  shared = _Shared.setup()
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([_REPO, env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.interrupted_run", shared.tmp, workdir,
+       shared.teacher, str(workers), *map(str, signal_at)],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=600)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+# results.json entries that must not depend on an interruption.
+_RESULT_KEYS = ("fp_test_accuracy", "quantized_validation_accuracy",
+                "quantized_test_accuracy", "converged", "selected_model",
+                "true_weight_bits_max", "true_weight_bits_mean",
+                "true_activation_bits_max", "true_activation_bits_mean",
+                "steps", "early_stopped")
+
+
+class InterruptedRunTest(absltest.TestCase):
+  """kill -9 / SIGTERM mid-run, then the same command: the same run."""
+
+  @classmethod
+  def _uninterrupted(cls):
+    if not hasattr(cls, "_straight"):
+      cls._straight = os.path.join(_Shared.setup().tmp, "straight12")
+      train_lib.train_and_evaluate(_config(num_steps=12), cls._straight)
+    return cls._straight
+
+  def _assert_same_run(self, workdir):
+    straight = self._uninterrupted()
+    read = lambda d, name: open(os.path.join(d, name)).read()
+    self.assertEqual(read(workdir, "history.jsonl"),
+                     read(straight, "history.jsonl"))
+    got, want = (json.loads(read(d, "results.json"))
+                 for d in (workdir, straight))
+    self.assertEqual({k: got[k] for k in _RESULT_KEYS},
+                     {k: want[k] for k in _RESULT_KEYS})
+    (step_a, params_a), (step_b, params_b) = (
+        _final_params(d) for d in (workdir, straight))
+    self.assertEqual((step_a, step_b), (12, 12))
+    chex.assert_trees_all_equal(params_a, params_b)
+
+  def test_kill_9_mid_run_then_rerun_is_bit_identical(self):
+    workdir = self.create_tempdir().full_path
+    code, out = _run_in_subprocess(workdir, 0, "KILL", 6)
+    self.assertEqual(code, -9, out[-3000:])  # after checkpoint 4, before 8
+    self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
+    code, out = _run_in_subprocess(workdir, 0)
+    self.assertEqual(code, 0, out[-3000:])
+    self._assert_same_run(workdir)
+
+  def test_sigterm_then_kill_9_with_worker_processes(self):
+    workdir = self.create_tempdir().full_path
+    code, out = _run_in_subprocess(workdir, 2, "TERM", 5)
+    self.assertEqual(code, 0, out[-3000:])
+    checkpoint = os.path.join(workdir, "checkpoints", "5")
+    self.assertIn("preempted: GDNSQ saved the checkpoint of step 5 to "
+                  f"{checkpoint}; rerun the same command to resume", out)
+    self.assertTrue(os.path.isdir(checkpoint))
+    code, out = _run_in_subprocess(workdir, 2, "KILL", 10)
+    self.assertEqual(code, -9, out[-3000:])
+    code, out = _run_in_subprocess(workdir, 2)
+    self.assertEqual(code, 0, out[-3000:])
+    self._assert_same_run(workdir)
 
 
 class TrainProgramErrorsTest(absltest.TestCase):

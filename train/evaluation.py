@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from gdnsq_jax import bitwidths
+from train import data_loader
 from train import input_pipeline
-from train import sharding
 from train import steps
 
 
@@ -24,23 +24,6 @@ class EvalResult(NamedTuple):
   activation_widths: dict[str, float]  # quantizer path -> true width (max)
 
 
-def _fill_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Replaces padded rows by a copy of a real row.
-
-  Padded rows are excluded from accuracy by the mask, but activation code
-  ranges are reduced over whole tensors; a duplicate of a real row leaves
-  every min / max unchanged.
-  """
-  mask = batch["mask"]
-  if mask.all() or not mask.any():
-    return batch
-  out = dict(batch)
-  first = int(np.argmax(mask))
-  out["image"] = np.where(mask[:, None, None, None], batch["image"],
-                          batch["image"][first][None])
-  return out
-
-
 def evaluate(
     eval_step: Callable[..., Any],
     variables: Any,
@@ -49,17 +32,22 @@ def evaluate(
     *,
     global_batch_size: int,
     mesh: jax.sharding.Mesh,
+    workers: int = 0,
+    prefetch: int = 2,
 ) -> EvalResult:
   """One deterministic pass over ``split`` with the jitted ``eval_step``.
 
+  Batches come from :func:`train.input_pipeline.eval_batches` on ``mesh``
+  (``workers`` processes, ``prefetch`` batches placed ahead); its padding
+  repeats a real example, which leaves activation code ranges unchanged.
   Activation widths follow docs/method.md D11: per quantizer, the codes of the
   whole pass (:func:`gdnsq_jax.bitwidths.true_activation_widths`).
   """
   totals = np.zeros(3)
   batch_stats = []
   for batch in input_pipeline.eval_batches(
-      dataset, split, global_batch_size=global_batch_size):
-    batch = sharding.host_to_global(_fill_padding(batch), mesh)
+      dataset, split, global_batch_size=global_batch_size, workers=workers,
+      mesh=mesh, prefetch=prefetch):
     sums, stats = jax.device_get(eval_step(variables, batch))
     totals += (sums["correct"], sums["loss"], sums["count"])
     batch_stats.append(stats)
@@ -96,7 +84,9 @@ def validate(eval_step, state: steps.TrainState, dataset, split: str, *,
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   result = evaluate(
       eval_step, variables, dataset, split,
-      global_batch_size=config.data.eval_batch_size, mesh=mesh)
+      global_batch_size=config.data.eval_batch_size, mesh=mesh,
+      workers=data_loader.workers(config, dataset),
+      prefetch=config.data.prefetch)
   summary = bitwidths.summarize_bitwidths(
       jax.device_get(state.params),
       activation_widths=result.activation_widths,

@@ -29,6 +29,8 @@ import dataclasses
 import functools
 import os
 import signal
+import threading
+import time
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 from absl import flags
@@ -135,10 +137,25 @@ def _preprocess(ds: grain.MapDataset, dataset: Dataset, train: bool,
   return ds if on_devices else ds.map(Normalize(dataset.mean, dataset.std))
 
 
-def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
-  """Grain workers ignore SIGTERM: the main process saves, then ends them."""
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Set-up of a grain worker process.
+
+  It ignores SIGTERM and SIGINT (a scheduler or Ctrl-C signals the whole
+  process group; the main process finishes its step, saves, then ends the
+  workers) and exits when the main process is gone (e.g. ``kill -9``), which
+  grain's workers do not notice on their own.
+  """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def _iterate(ds: grain.MapDataset, dataset: Dataset, *, workers: int,
@@ -155,7 +172,7 @@ def _iterate(ds: grain.MapDataset, dataset: Dataset, *, workers: int,
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers,
                                      per_worker_buffer_size=2),
-        worker_init_fn=_ignore_sigterm)
+        worker_init_fn=_init_worker)
   if mesh is not None:
     it_ds = it_ds.map(_Placement(mesh, dataset.mean, dataset.std))
   if prefetch:

@@ -30,8 +30,10 @@ import numpy as np
 
 from gdnsq_jax import bitwidths
 from train import checkpointing
+from train import data_loader
 from train import evaluation
 from train import input_pipeline
+from train import preemption
 from train import reporting
 from train import sharding
 from train import steps
@@ -110,13 +112,16 @@ def run_steps(
     checkpoints: Optional[checkpointing.StateCheckpointer] = None,
     after_step: Optional[Callable[[int, LoopState],
                                   tuple[LoopState, bool]]] = None,
+    guard: Optional[preemption.PreemptionGuard] = None,
 ) -> tuple[LoopState, bool]:
   """Runs ``train_step`` from ``loop_state.train.step`` to ``num_steps``.
 
   Args:
     train_step: from :func:`compile_train_step`.
     loop_state: replicated on ``mesh``.
-    batches: host batches (this process's rows of each global batch).
+    batches: global batches on ``mesh`` (:mod:`train.data_loader`: read
+      and placed while the previous step runs); host numpy batches are
+      placed by the jitted step (one process only).
     teacher_variables: the step's third argument (replicated, or None).
     mesh: the device mesh.
     num_steps: the step to stop at.
@@ -127,17 +132,20 @@ def run_steps(
     checkpoints: named by the non-finite error as the last good one.
     after_step: ``(step, loop_state) -> (loop_state, stop)`` after every
       step and its log: validation, model selection, checkpoints.
+    guard: asked after every step whether to stop for a preemption (then
+      ``guard.stopped_at`` is the step; the caller saves).
 
   Returns:
-    The final loop state and whether ``after_step`` stopped the run early.
+    The final loop state and whether ``after_step`` or ``guard`` stopped
+    the run early.
 
   Raises:
     FloatingPointError: a logged loss or gradient norm is not finite.
   """
   step = int(jax.device_get(loop_state.train.step))
   while step < num_steps:
-    batch = sharding.host_to_global(next(batches), mesh)
-    state, metrics = train_step(loop_state.train, batch, teacher_variables)
+    state, metrics = train_step(loop_state.train, next(batches),
+                                teacher_variables)
     loop_state = loop_state.replace(train=state)
     step += 1
     if step == num_steps or any(step % n == 0 for n in log_every):
@@ -148,6 +156,8 @@ def run_steps(
       loop_state, stop = after_step(step, loop_state)
       if stop:
         return loop_state, True
+    if guard is not None and guard.reached(step):
+      return loop_state, True
   return loop_state, False
 
 
@@ -251,7 +261,7 @@ def evaluate_selected(eval_step, state: steps.TrainState, dataset, *,
 
 
 def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
-        dataset, mesh, writer, checkpoints, best, workdir):
+        dataset, mesh, writer, checkpoints, best, workdir, guard=None):
   """GDNSQ (or LSQ) training until ``config.train.num_steps`` or early stop.
 
   :func:`run_steps` with :func:`_after_gdnsq_step`, a final checkpoint, then
@@ -268,10 +278,15 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
     writer: TensorBoard scalars.
     checkpoints: the latest states; ``best`` the best converged one.
     workdir: for ``history.jsonl`` and ``bitwidth_dynamics.png``.
+    guard: a :class:`train.preemption.PreemptionGuard`, or None.
 
   Returns:
     Results (accuracies of the selected model, widths, steps) and, under
     ``_summary``, its :class:`BitwidthSummary` on the test pass.
+
+  Raises:
+    train.preemption.Preempted: after the checkpoint of the step at which
+      ``guard`` stopped the run.
   """
   main = sharding.is_main_process()
   c = config.train
@@ -294,9 +309,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   host = jax.device_get((loop_state.train.step, loop_state.epoch,
                          loop_state.batch))
   step = int(host[0])
-  batches = input_pipeline.train_batches(
-      dataset, global_batch_size=config.data.batch_size, seed=config.seed,
-      position=(int(host[1]), int(host[2])))
+  batches = data_loader.train_stream(config, dataset, mesh,
+                                     (int(host[1]), int(host[2])))
   history_path = os.path.join(workdir, "history.jsonl")
   method = qmodel.settings.method.upper()  # GDNSQ, or the LSQ baseline
   bar = reporting.ProgressBar(c.num_steps, initial=step, desc=method,
@@ -311,20 +325,25 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
       history_path=history_path if main else None,
       fixed_weight_bits=fixed_weight_bits)
   start = time.time()
-  loop_state, early_stopped = run_steps(
-      train_step, loop_state, batches, teacher_variables, mesh=mesh,
-      num_steps=c.num_steps,
-      log_every=(c.log_every_steps, c.eval_every_steps),
-      log=functools.partial(reporting.log_scalars, writer, bar),
-      fix="Lower config.optim.learning_rate or check the data",
-      checkpoints=checkpoints,
-      after_step=functools.partial(_after_gdnsq_step, run))
-  step = int(jax.device_get(loop_state.train.step))
-  loop_state = with_data_position(loop_state, batches.position, mesh)
-  if step == c.num_steps and checkpoints.latest_step() != step:
+  with batches:
+    loop_state, early_stopped = run_steps(
+        train_step, loop_state, batches, teacher_variables, mesh=mesh,
+        num_steps=c.num_steps,
+        log_every=(c.log_every_steps, c.eval_every_steps),
+        log=functools.partial(reporting.log_scalars, writer, bar),
+        fix="Lower config.optim.learning_rate or check the data",
+        checkpoints=checkpoints,
+        after_step=functools.partial(_after_gdnsq_step, run), guard=guard)
+    step = int(jax.device_get(loop_state.train.step))
+    loop_state = with_data_position(loop_state, batches.position, mesh)
+  preempted = guard is not None and guard.stopped_at == step
+  if ((step == c.num_steps or preempted)
+      and checkpoints.latest_step() != step):
     checkpoints.save(step, loop_state)
   checkpoints.wait()
   bar.close()
+  if preempted:
+    raise preemption.Preempted(step, checkpoints.step_dir(step))
   train_time = time.time() - start
 
   state, selected = select_model(best, loop_state, mesh)

@@ -46,6 +46,8 @@ class PreemptionGuard:
     self._received = threading.Event()
     self._previous = None
     self._multiprocess = jax.process_count() > 1
+    self._calls = 0  # sync-point ids: increasing over the teacher and GDNSQ
+    self.stopped_at: Optional[int] = None  # the step reached() was True at
 
   @property
   def received(self) -> bool:
@@ -60,10 +62,18 @@ class PreemptionGuard:
     self._received.set()
 
   def reached(self, step: int) -> bool:
-    """True when ``step`` (just finished) is the step to save and stop at."""
+    """True when ``step`` (just finished) is the step to save and stop at.
+
+    Call it once after every step, on every process.
+    """
+    self._calls += 1
     if self._multiprocess:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._received.is_set()
+      stop = multihost_utils.reached_preemption_sync_point(self._calls)
+    else:
+      stop = self._received.is_set()
+    if stop:
+      self.stopped_at = step
+    return stop
 
   def __enter__(self) -> PreemptionGuard:
     # Several processes: JAX's sync manager owns SIGTERM; a Python handler
@@ -81,7 +91,24 @@ class PreemptionGuard:
       self._previous = None
 
 
-def message(step: int, checkpoint_dir: Optional[str]) -> str:
+class Preempted(Exception):
+  """Raised once the preemption checkpoint is written (or cannot be).
+
+  ``train_lib.train_and_evaluate`` prints it and returns; the program exits
+  with status 0.
+  """
+
+  def __init__(self, step: int, checkpoint_dir: Optional[str],
+               what: str = "GDNSQ"):
+    self.step, self.checkpoint_dir = step, checkpoint_dir
+    super().__init__(message(step, checkpoint_dir, what))
+
+
+def message(step: int, checkpoint_dir: Optional[str],
+            what: str = "GDNSQ") -> str:
   """The line the program prints when it stops for a preemption."""
-  return (f"preempted: saved the checkpoint of step {step} to "
+  if checkpoint_dir is None:
+    return (f"preempted: {what} stopped after step {step}; it keeps no "
+            "checkpoint, so the rerun of the same command starts it again")
+  return (f"preempted: {what} saved the checkpoint of step {step} to "
           f"{checkpoint_dir}; rerun the same command to resume")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -21,9 +21,11 @@ import ml_collections
 import optax
 
 from train import checkpointing
+from train import data_loader
 from train import evaluation
 from train import input_pipeline
 from train import loop
+from train import preemption
 from train import reporting
 from train import sharding
 from train import steps
@@ -52,11 +54,15 @@ def train_fp(
     dataset: input_pipeline.Dataset,
     mesh: jax.sharding.Mesh,
     writer: reporting.MetricWriter,
+    guard: Optional[preemption.PreemptionGuard] = None,
 ) -> Any:
   """Trains the FP model with labels; returns ``{params, batch_stats}``.
 
   The same loop as GDNSQ (:func:`train.loop.run_steps`, one sharded step)
   without validation or checkpoints; scalars are logged as ``teacher/*``.
+
+  Raises:
+    train.preemption.Preempted: ``guard`` stopped it (nothing is saved).
   """
   sample = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
   variables = model.init(jax.random.key(config.seed), sample, train=False)
@@ -70,20 +76,22 @@ def train_fp(
           model, tx, steps.make_task_loss(steps.LABELS, 1.0),
           teacher_model=None, quantized=False),
       mesh)
-  batches = input_pipeline.train_batches(
-      dataset, global_batch_size=config.data.batch_size, seed=config.seed)
   num_steps = config.teacher.num_steps
   bar = reporting.ProgressBar(num_steps, desc="teacher (FP)",
                               enabled=sharding.is_main_process())
   start = time.time()
-  loop_state, _ = loop.run_steps(
-      train_step, sharding.replicate(loop.LoopState.initial(state), mesh),
-      batches, None, mesh=mesh, num_steps=num_steps,
-      log_every=(config.train.log_every_steps,),
-      log=functools.partial(reporting.log_scalars, writer, bar,
-                            prefix="teacher/"),
-      fix="The FP teacher diverged: lower config.teacher.learning_rate")
+  with data_loader.train_stream(config, dataset, mesh) as batches:
+    loop_state, stopped = loop.run_steps(
+        train_step, sharding.replicate(loop.LoopState.initial(state), mesh),
+        batches, None, mesh=mesh, num_steps=num_steps,
+        log_every=(config.train.log_every_steps,),
+        log=functools.partial(reporting.log_scalars, writer, bar,
+                              prefix="teacher/"),
+        fix="The FP teacher diverged: lower config.teacher.learning_rate",
+        guard=guard)
   bar.close()
+  if stopped:
+    raise preemption.Preempted(guard.stopped_at, None, "the FP teacher")
   logging.info("FP teacher: %d steps in %.1f s", num_steps,
                time.time() - start)
   state = loop_state.train
@@ -98,6 +106,7 @@ def load_or_train_teacher(
     dataset: input_pipeline.Dataset,
     mesh: jax.sharding.Mesh,
     writer: reporting.MetricWriter,
+    guard: Optional[preemption.PreemptionGuard] = None,
 ) -> tuple[Any, str]:
   """Returns (FP variables, where they came from).
 
@@ -115,7 +124,7 @@ def load_or_train_teacher(
   if os.path.isdir(path):
     return checkpointing.restore_variables(
         path, target, what="teacher checkpoint"), path
-  variables = train_fp(config, model, dataset, mesh, writer)
+  variables = train_fp(config, model, dataset, mesh, writer, guard)
   checkpointing.save_variables(path, variables)  # every process (orbax)
   return variables, path
 
@@ -127,6 +136,8 @@ def evaluate_fp(model, variables, dataset, splits, config, mesh):
   return [
       evaluation.evaluate(
           eval_step, variables, dataset, split,
-          global_batch_size=config.data.eval_batch_size, mesh=mesh)
+          global_batch_size=config.data.eval_batch_size, mesh=mesh,
+          workers=data_loader.workers(config, dataset),
+          prefetch=config.data.prefetch)
       for split in splits
   ]

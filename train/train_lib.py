@@ -30,11 +30,14 @@ from gdnsq_jax import interception
 from gdnsq_jax import layers
 from gdnsq_jax import penalty
 from train import checkpointing
+from train import data_loader
+from train import device_data
 from train import early_stopping as early_stopping_lib
 from train import input_pipeline
 from train import loop
 from train import mobilenet
 from train import models
+from train import preemption
 from train import reporting
 from train import sharding
 from train import steps
@@ -53,6 +56,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "eval_batch_size"):
     if config.data[key] <= 0:
       raise ValueError(f"config.data.{key} must be positive")
+  if config.data.device_resident not in device_data.MODES:
+    raise ValueError(
+        f"config.data.device_resident={config.data.device_resident!r}; "
+        f"choose one of: {', '.join(device_data.MODES)}")
+  if config.data.workers < -1 or config.data.prefetch < 0:
+    raise ValueError(
+        f"config.data.workers={config.data.workers} / prefetch="
+        f"{config.data.prefetch}: workers is -1 (one per core for decoded "
+        "data), 0 (in-process) or a count; prefetch >= 0")
   if config.train.num_steps < 0:
     raise ValueError("config.train.num_steps must be >= 0")
   t = config.teacher
@@ -151,13 +163,14 @@ def make_early_stopping(config: ml_collections.ConfigDict
 
 
 def _calibration_batches(config, dataset, mesh):
-  it = input_pipeline.eval_batches(
-      dataset, "train", global_batch_size=config.data.batch_size)
-  for i, batch in enumerate(it):
-    if i >= config.data.calibration_batches:
-      break
-    yield sharding.host_to_global(
-        {"image": batch["image"]}, mesh)["image"]
+  """The first ``calibration_batches`` train batches, unaugmented, on mesh."""
+  it = data_loader.eval_stream(config, dataset, "train", mesh,
+                               config.data.batch_size)
+  try:
+    return [batch["image"] for _, batch in zip(
+        range(config.data.calibration_batches), it)]
+  finally:
+    it.close()
 
 
 def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
@@ -168,7 +181,7 @@ def _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx):
       lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
   variables = interception.add_quantizer_params(fp_variables, abstract)
   calibrated = calibration.calibrate(
-      qmodel, variables, list(_calibration_batches(config, dataset, mesh)),
+      qmodel, variables, _calibration_batches(config, dataset, mesh),
       apply_kwargs=({"train": True, "mutable": ["batch_stats"]}
                     if config.quant.calibrate_with_batch_stats
                     else {"train": False}))
@@ -198,7 +211,13 @@ def _abstract_loop_state(config, qmodel, dataset, tx):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, Any]:
-  """Runs the configured job in ``workdir``; returns the results dict."""
+  """Runs the configured job in ``workdir``; returns the results dict.
+
+  On SIGTERM (:mod:`train.preemption`) the current step finishes, GDNSQ
+  saves its checkpoint, and the results are ``{'preempted': True,
+  'preempted_step', 'checkpoint'}`` (no ``results.json``): the program
+  exits with status 0 and rerunning it resumes.
+  """
   start_time = time.time()
   validate_config(config)
   workdir = os.path.abspath(workdir)
@@ -216,33 +235,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   writer = reporting.MetricWriter(
       os.path.join(workdir, "tensorboard") if main else None)
   try:
-    fp_variables, teacher_source = teacher_lib.load_or_train_teacher(
-        config, workdir, model, dataset, mesh, writer)
-    fp_val, fp_test = teacher_lib.evaluate_fp(
-        model, fp_variables, dataset, ("validation", "test"), config, mesh)
-    results = {
-        "mode": config.mode, "preset": config.preset,
-        "model": config.model.name, "dataset": dataset.name,
-        "teacher": teacher_source,
-        "fp_validation_accuracy": fp_val.accuracy,
-        "fp_test_accuracy": fp_test.accuracy,
-        "device_kind": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
-        "num_processes": jax.process_count(),
-    }
-    if config.mode == "quantize":
-      results.update(quantize(config, workdir, model, fp_variables, dataset,
-                              mesh, writer))
+    with preemption.PreemptionGuard() as guard:
+      fp_variables, teacher_source = teacher_lib.load_or_train_teacher(
+          config, workdir, model, dataset, mesh, writer, guard)
+      fp_val, fp_test = teacher_lib.evaluate_fp(
+          model, fp_variables, dataset, ("validation", "test"), config, mesh)
+      results = {
+          "mode": config.mode, "preset": config.preset,
+          "model": config.model.name, "dataset": dataset.name,
+          "teacher": teacher_source,
+          "fp_validation_accuracy": fp_val.accuracy,
+          "fp_test_accuracy": fp_test.accuracy,
+          "device_kind": jax.devices()[0].device_kind,
+          "num_devices": jax.device_count(),
+          "num_processes": jax.process_count(),
+      }
+      if config.mode == "quantize":
+        results.update(quantize(config, workdir, model, fp_variables,
+                                dataset, mesh, writer, guard))
     results["wall_time_s"] = time.time() - start_time
     if main:
       reporting.write_json_atomic(os.path.join(workdir, "results.json"),
                                   results)
     return results
+  except preemption.Preempted as stop:
+    logging.warning("%s", stop)
+    if main:
+      print(stop, flush=True)
+    return {"preempted": True, "preempted_step": stop.step,
+            "checkpoint": stop.checkpoint_dir}
   finally:
     writer.close()
 
 
-def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
+def quantize(config, workdir, model, fp_variables, dataset, mesh, writer,
+             guard=None):
   """GDNSQ fine-tuning of ``model`` from ``fp_variables``; returns results."""
   settings = quant_settings(config)
   sample = jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape),
@@ -273,13 +300,15 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer):
         _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx),
         make_early_stopping(config))
   fp_paths = [r.path for r in report if not r.quantized]
-  out = loop.fit(
-      config=config, qmodel=qmodel, teacher_model=model,
-      teacher_variables=fp_variables, loop_state=loop_state, tx=tx,
-      dataset=dataset, mesh=mesh, writer=writer, checkpoints=checkpoints,
-      best=best, workdir=workdir)
-  checkpoints.close()
-  best.close()
+  try:
+    out = loop.fit(
+        config=config, qmodel=qmodel, teacher_model=model,
+        teacher_variables=fp_variables, loop_state=loop_state, tx=tx,
+        dataset=dataset, mesh=mesh, writer=writer, checkpoints=checkpoints,
+        best=best, workdir=workdir, guard=guard)
+  finally:
+    checkpoints.close()
+    best.close()
   out["fp_layers"] = fp_paths
   out["quantized_layers"] = [r.path for r in report if r.quantized]
   if sharding.is_main_process():
