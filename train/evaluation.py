@@ -21,7 +21,8 @@ class EvalResult(NamedTuple):
   accuracy: float
   loss: float
   count: int
-  activation_widths: dict[str, float]  # quantizer path -> true width (max)
+  activation_widths: dict[str, float]  # quantizer path -> true width (pass)
+  code_stats: tuple[Any, ...] = ()  # per batch: sown code min / max (host)
 
 
 def evaluate(
@@ -54,7 +55,8 @@ def evaluate(
   count = max(int(totals[2]), 1)
   return EvalResult(float(totals[0] / count), float(totals[1] / count),
                     int(totals[2]),
-                    bitwidths.true_activation_widths(batch_stats))
+                    bitwidths.true_activation_widths(batch_stats),
+                    tuple(batch_stats))
 
 
 class Validation(NamedTuple):

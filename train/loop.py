@@ -245,15 +245,15 @@ def evaluate_selected(eval_step, state: steps.TrainState, dataset, *,
   Returns:
     ``(validation, test, summary)``: the two
     :class:`train.evaluation.Validation` passes and the
-    :class:`BitwidthSummary` whose activation widths are the larger of the
-    two passes' (docs/method.md D11).
+    :class:`BitwidthSummary` whose activation widths are those of the codes
+    of both passes together (docs/method.md D11; the export's rule).
   """
   val, test = (
       evaluation.validate(eval_step, state, dataset, split, config=config,
                           mesh=mesh, fixed_weight_bits=fixed_weight_bits)
       for split in ("validation", "test"))
-  widths = {k: max(v, test.result.activation_widths.get(k, 0.0))
-            for k, v in val.result.activation_widths.items()}
+  widths = bitwidths.true_activation_widths(
+      val.result.code_stats + test.result.code_stats)
   summary = bitwidths.summarize_bitwidths(jax.device_get(state.params),
                                           activation_widths=widths,
                                           fixed_weight_bits=fixed_weight_bits)
