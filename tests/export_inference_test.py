@@ -18,6 +18,7 @@ from gdnsq_jax.export import exporter as export_lib
 from gdnsq_jax.export import inference as integer_inference
 from gdnsq_jax.export import verification as export_verification
 from tests import export_setup
+from tests import layer_setup
 from train import models
 
 EVAL = export_setup.EVAL
@@ -124,6 +125,92 @@ class GeometryTest(parameterized.TestCase):
                         for e in export.layers]
     self.assertEqual(quantized_widths, [(
         min(bits["weight_bits"], 32), min(bits["activation_bits"], 32))] * 4)
+
+
+class DenseLikeNet(nn.Module):
+  """Depthwise conv, DenseGeneral over two axes, einsums with a leading and a
+  trailing output channel axis."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.Conv(4, (3, 3), feature_group_count=2, name="depthwise")(x)
+    x = x.reshape((x.shape[0], -1, 4))                        # (b, t, 4)
+    x = nn.DenseGeneral((2, 3), name="heads")(nn.relu(x))     # (b, t, 2, 3)
+    x = nn.Einsum((3, 5), "btnh,hd->btnd", name="mix")(x)     # (b, t, 2, 5)
+    x = nn.DenseGeneral(6, axis=(-2, -1), name="merge")(x)    # (b, t, 6)
+    return nn.Einsum((4, 6), "btd,cd->bc", name="head")(x)    # (b, 4)
+
+
+class DenseLikeTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(per_channel=True, weight_bits=3, activation_bits=3),
+      dict(per_channel=False, weight_bits=3, activation_bits=3),
+      dict(per_channel=True, weight_bits=3, activation_bits=32),  # float x
+      dict(per_channel=True, weight_bits=32, activation_bits=3))  # float W
+  def test_integer_inference_equals_fake_quant(self, **bits):
+    model = DenseLikeNet()
+    x = jax.random.normal(jax.random.key(6), (3, 4, 4, 2))
+    settings = layers.QuantSettings(calibration_bits=3, **bits)
+    qmodel = interception.quantize_model(
+        model, x, settings=settings, train=False,
+        rules={"quantize_stem": True, "quantize_classifier": True})
+    variables = qmodel.init(jax.random.key(0), x, train=False)
+    variables = calibration.calibrate(qmodel, variables, [x],
+                                      apply_kwargs=EVAL).variables
+    export = export_lib.export_model(qmodel, variables, (4, 4, 2),
+                                     apply_kwargs=EVAL)
+    self.assertEqual([e["kind"] for e in export.layers],
+                     ["conv", "dense_general", "einsum", "dense_general",
+                      "einsum"])
+    if bits["per_channel"] and bits["weight_bits"] < 32:
+      steps = [export.layer_arrays(e["path"])["weight_step"].shape
+               for e in export.layers]
+      self.assertEqual(steps, [(4,), (2, 3), (5,), (6,), (4, 1)])
+    reference = qmodel.apply(variables, x, **EVAL)
+    logits = jax.jit(
+        lambda x: integer_inference.integer_apply(model, export, x))(x)
+    scale = float(jnp.abs(reference).max())
+    chex.assert_trees_all_close(logits, reference, atol=1e-5 * scale)
+    errors = export_verification.compare_layers(qmodel, variables, export, x)
+    self.assertLen(errors, 5)
+    self.assertLess(max(map(float, errors.values())), 1e-5)
+
+
+class AnyLinenModelExportTest(parameterized.TestCase):
+  """The ViT (attention projections) and the MobileNetV2 (depthwise)."""
+
+  @parameterized.named_parameters(
+      ("vit", layer_setup.TinyViT, (8, 8, 1), False),
+      ("mobilenet", layer_setup.TinyMobileNet, (8, 8, 3), True))
+  def test_integer_inference_agrees_with_fake_quant(self, make, shape, fold):
+    model = make()
+    x = jax.random.normal(jax.random.key(7), (256,) + shape)
+    qmodel = interception.quantize_model(
+        model, x[:1], settings=layers.QuantSettings(
+            weight_bits=4, activation_bits=4, calibration_bits=4),
+        rules={"quantize_1x1": True}, train=False)
+    fp = layer_setup.random_variables(model.init, x[:1], train=False)
+    variables = interception.add_quantizer_params(
+        fp, jax.eval_shape(lambda x: qmodel.init(jax.random.key(0), x,
+                                                 train=False), x[:1]))
+    variables = calibration.calibrate(qmodel, variables, [x[:64]],
+                                      apply_kwargs=EVAL).variables
+    export = export_lib.export_model(qmodel, variables, shape,
+                                     apply_kwargs=EVAL, fold_batch_norm=fold,
+                                     weight_bits=4, activation_bits=4)
+    self.assertEqual({e["path"] for e in export.layers if e["quantized"]},
+                     set(qmodel.quantized_paths))
+    reference = jax.jit(lambda v, x: qmodel.apply(v, x, **EVAL))(variables, x)
+    exported = integer_inference.export_inference(model, export)
+    logits = exported.call(x)
+    agreement = export_verification.compare_logits(logits, reference)
+    self.assertGreaterEqual(agreement["argmax_agreement"], 0.999)
+    errors = jax.jit(lambda v, x: export_verification.compare_layers(
+        qmodel, v, export, x))(variables, x[:16])
+    self.assertLen(errors, len(export.layers))
+    self.assertLess(max(map(float, errors.values())), 1e-4)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,15 @@ manifest. Per quantized layer (docs/method.md §2.1, §2.2):
   ``0 .. levels - 1`` and take ``ceil(log2 levels)`` bits;
 * ``bias`` (float32) when the layer has one.
 
-Full-precision conv / dense layers keep ``kernel`` / ``bias`` in float32;
-every other variable (BatchNorm not folded, ...) is kept in float32 under
-``variables/<collection>/<module path>/<name>``.
+Layers are the quantizable kinds of :mod:`gdnsq_jax.layer_kinds` (conv,
+depthwise included; dense; ``DenseGeneral``, the attention projections
+included; einsum); steps and zero points have the shape of the layer's
+``log2_step`` (one per output channel of its kernel,
+:mod:`gdnsq_jax.channels`). Full-precision layers keep ``kernel`` / ``bias``
+in float32; every other variable (BatchNorm not folded, LayerNorm, position
+embeddings, weight layers of unsupported kinds such as ``nn.Embed``, ...) is
+kept in float32 under ``variables/<collection>/<module path>/<name>`` and
+runs in float in the integer inference.
 
 BatchNorm folding (``fold_batch_norm=True``; docs/method.md §12, D15):
 a BatchNorm in inference mode whose input is exactly the output of a conv /
@@ -45,13 +51,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import channels
+from gdnsq_jax import layer_kinds
 from gdnsq_jax import layers as qlayers
+from gdnsq_jax import quantized_ops
 from gdnsq_jax.bitwidths import FLOAT_BITS
 from gdnsq_jax.bitwidths import is_float
 from gdnsq_jax.bitwidths import WIDTH_TOLERANCE
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.export import packing
-from gdnsq_jax.quantizers import quantize_weight
+from gdnsq_jax.settings import QuantSettings
 from gdnsq_jax.tracing import trace_layers
 
 __all__ = [
@@ -119,7 +128,8 @@ def _f32(x) -> np.ndarray:
 
 @jax.jit
 def _fake_quant_kernel(kernel, log2_step):
-  return quantize_weight(kernel, log2_step, per_channel=log2_step.ndim > 0)
+  return quantized_ops.quantize_kernel(kernel, log2_step, None,
+                                       QuantSettings())
 
 
 def _weight_codes(kernel, log2_step):
@@ -133,9 +143,8 @@ def _weight_codes(kernel, log2_step):
   log2_step = jnp.asarray(log2_step, jnp.float32)
   w_hat = np.asarray(_fake_quant_kernel(kernel, log2_step), np.float64)
   step = _f32(jnp.exp2(log2_step))
-  per_channel = step.ndim > 0
-  axes = tuple(range(kernel.ndim - 1)) if per_channel else None
-  zero = np.min(np.asarray(kernel), axis=axes).astype(np.float32)
+  lo, _ = channels.channel_range(kernel, step.shape)
+  zero = _f32(lo)
   codes = np.round((w_hat - zero) / step.astype(np.float64))
   return codes, step, zero
 
@@ -212,7 +221,8 @@ def _quantized_layer(node, layer, arrays, entry):
                  activation_levels=levels,
                  true_activation_bits=float(np.log2(levels)))
     if max_code is not None:
-      fan_in = int(np.prod(layer.kernel_shape[:-1]))
+      fan_in = channels.entries_per_channel(layer.kernel_shape,
+                                            np.shape(node["log2_step"]))
       if (levels - 1) * max_code * fan_in > _INT32_MAX:
         raise ExportError(
             f"layer {layer.path!r}: codes up to {levels - 1} x {max_code} "
@@ -286,7 +296,7 @@ def export_model(
       its integer accumulator could overflow.
   """
   settings = qmodel.settings
-  if settings.method != "gdnsq":
+  if not settings.family.exportable:
     raise ExportError(
         f"qmodel.settings.method={settings.method!r}: export writes GDNSQ's "
         "unclipped weight grids, and the LSQ baseline clips weight codes; "
@@ -302,6 +312,8 @@ def export_model(
   quantized = qmodel.quantized_paths
   arrays, entries, used = {}, [], set()
   for layer in traced:
+    if layer.kind not in layer_kinds.QUANTIZABLE:
+      continue  # kept in 'variables', run in float (module docs)
     node = _node(variables["params"], layer.path)
     used.update(f"params/{layer.path}/{k}" for k in traverse_util.flatten_dict(
         dict(node), sep="/"))
@@ -338,10 +350,8 @@ def export_model(
                   ("scale", "bias", "mean", "var"))
     entry["arrays"] = _array_spec(own)
     entry["bytes"] = int(sum(a.nbytes for a in own.values()))
-    out_features = layer.kernel_shape[-1]
-    has_bias = "bias" in own
-    entry["fp32_bytes"] = 4 * (int(np.prod(layer.kernel_shape))
-                               + (out_features if has_bias else 0))
+    bias_size = own["bias"].size if "bias" in own else 0
+    entry["fp32_bytes"] = 4 * (int(np.prod(layer.kernel_shape)) + bias_size)
     entry["bops"] = layer.macs * entry["weight_bits"] * entry["activation_bits"]
     arrays.update({f"layers/{layer.path}/{k}": v for k, v in own.items()})
     entries.append(entry)

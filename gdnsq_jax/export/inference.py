@@ -26,7 +26,20 @@ are integer convolutions accumulated in int32
 (``preferred_element_type=jnp.int32``) on int8 / int16 operands; the last two
 terms depend only on the input's spatial shape. The epilogue, in float32,
 multiplies by the scales, then by ``output_scale`` (a folded BatchNorm) and
-adds ``bias``. A dense layer is the same with sums over the input features.
+adds ``bias``. A dense-like layer (``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Einsum``: the einsum of :func:`gdnsq_jax.layer_kinds.einsum_equation`)
+is the same with sums over its contracted axes and no padding: the integer
+einsum ``einsum(k_x, k_w)`` with int32 accumulation, the code sums
+``einsum(k_x, 1)``, the kernel sums ``einsum(1, k_w)`` and the count of
+contracted entries, the per-channel ``s_w``, ``z_w`` (one per output channel,
+:mod:`gdnsq_jax.channels`) laid out along the output's axes.
+
+Everything that is not a weight layer runs in float, as in the fake-quant
+model: LayerNorm, softmax, GELU, residual sums, pooling, and attention's
+activation x activation products (``q k^T``, the weighted sum of ``v``),
+which take the float outputs of the integer ``query`` / ``key`` / ``value``
+projections (docs/method.md §5). So do weight layers of unsupported kinds
+(``nn.Embed``, ...), from the float variables the export keeps.
 
 A layer with only one quantized side (``A >= 32`` or ``W >= 32``) and every FP
 layer run Flax's float computation (the same ``lax`` call) on the
@@ -55,6 +68,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import layer_kinds
 from gdnsq_jax.export import packing
 from gdnsq_jax.export.exporter import ExportError
 from gdnsq_jax.export.exporter import IntegerExport
@@ -178,18 +192,60 @@ def _integer_conv(module: nn.Conv, entry, arrays, x, kx=None):
   return restore_batch(y)
 
 
-def _integer_dense(entry, arrays, x, kx=None):
-  kx = _activation_codes(arrays, x) if kx is None else kx
+def _split(equation):
+  lhs, rest = equation.split(",")
+  rhs, out = rest.split("->")
+  return lhs, rhs, out
+
+
+def _output_layout(values, equation, kernel_ndim):
+  """Per-channel values (``log2_step``'s layout) along the output's axes."""
+  _, rhs, out = _split(equation)
+  v = jnp.asarray(values, jnp.float32)
+  v = v.reshape((1,) * (kernel_ndim - v.ndim) + v.shape)
+  keep = [i for i, c in enumerate(rhs) if c in out]  # the rest have size 1
+  letters = [rhs[i] for i in keep]
+  order = sorted(range(len(keep)), key=lambda j: out.index(letters[j]))
+  v = jnp.transpose(v.reshape([v.shape[i] for i in keep]), order)
+  letters = [letters[j] for j in order]
+  return v.reshape([v.shape[letters.index(c)] if c in letters else 1
+                    for c in out])
+
+
+def _dense_bias(bias, equation, kernel_shape):
+  """A dense-like layer's bias (its output channels) along the output."""
+  _, rhs, out = _split(equation)
+  shape = [kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out]
+  bias = jnp.asarray(bias)
+  return bias.reshape(shape) if bias.size == np.prod(shape) else bias
+
+
+def _integer_einsum(equation, entry, arrays, x, kx=None):
+  """The integer einsum of a dense-like layer (module docstring)."""
+  lhs, rhs, out = _split(equation)
+  kx = _activation_codes(arrays, x) if kx is None else kx.reshape(x.shape)
   kw = _weight_codes(entry, arrays)
   dtype = _code_dtype(max(entry["activation_levels"] - 1,
                           2**entry["weight_bits"] - 1))
-  acc = lax.dot_general(kx.astype(dtype), kw.astype(dtype),
-                        (((kx.ndim - 1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.int32)
-  code_sums = jnp.sum(kx, axis=-1, keepdims=True, dtype=jnp.int32)
-  valid_kernel_sums = jnp.sum(kw, axis=0, dtype=jnp.int32)
-  valid_counts = jnp.int32(kw.shape[0])
-  return _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts)
+  einsum = lambda a, b: jnp.einsum(equation, a, b,
+                                   preferred_element_type=jnp.int32)
+  acc = einsum(kx.astype(dtype), kw.astype(dtype))
+  # Ones keep the size of the letters shared or summed away, 1 elsewhere.
+  ones = lambda spec, other, shape, dt: jnp.ones(
+      [d if c in other or c not in out else 1 for c, d in zip(spec, shape)],
+      dt)
+  code_sums = einsum(kx.astype(dtype), ones(rhs, lhs, kw.shape, dtype))
+  kernel_sums = einsum(ones(lhs, rhs, kx.shape, jnp.int32),
+                       kw.astype(jnp.int32))
+  sizes = dict(zip(lhs, kx.shape)) | dict(zip(rhs, kw.shape))
+  count = jnp.int32(np.prod([d for c, d in sizes.items() if c not in out],
+                            dtype=np.int64))
+  laid_out = dict(arrays)
+  for name in ("weight_step", "weight_zero"):
+    laid_out[name] = _output_layout(arrays[name], equation, kw.ndim)
+  if "bias" in arrays:
+    laid_out["bias"] = _dense_bias(arrays["bias"], equation, kw.shape)
+  return _epilogue(laid_out, acc, code_sums, kernel_sums, count)
 
 
 def _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts):
@@ -206,7 +262,7 @@ def _epilogue(arrays, acc, code_sums, valid_kernel_sums, valid_counts):
   return y
 
 
-def _float_layer(module, entry, arrays, x, kx=None):
+def _float_layer(module, entry, arrays, x, kx=None, equation=None):
   """The layer's float computation (as Flax's) on dequantized / float data.
 
   ``x`` is replaced by ``x_hat = s_a k_x + b`` when the input is quantized,
@@ -228,40 +284,51 @@ def _float_layer(module, entry, arrays, x, kx=None):
     y = restore_batch(conv(x, kernel, module.feature_group_count,
                            integer=False))
   else:
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                        precision=module.precision)
+    y = jnp.einsum(equation, x, kernel, precision=module.precision)
   if "output_scale" in arrays:
     y = y * arrays["output_scale"]
   if "bias" in arrays:
-    y = y + arrays["bias"]
+    y = y + (arrays["bias"] if equation is None else
+             _dense_bias(arrays["bias"], equation, kernel.shape))
   return y
 
 
 def exported_layer_apply(module: nn.Module, entry: Mapping[str, Any],
                          arrays: Mapping[str, Any], inputs: jax.Array,
-                         activation_codes: Optional[jax.Array] = None
+                         activation_codes: Optional[jax.Array] = None,
+                         call_args: Sequence[Any] = (),
+                         call_kwargs: Optional[Mapping[str, Any]] = None,
                          ) -> jax.Array:
-  """One exported conv / dense on ``inputs`` (integer path when possible).
+  """One exported weight layer on ``inputs`` (integer path when possible).
 
   Args:
-    module: the bound ``nn.Conv`` / ``nn.Dense`` being replaced.
+    module: the bound layer being replaced (a kind of
+      :data:`gdnsq_jax.layer_kinds.QUANTIZABLE`).
     entry: its manifest entry.
     arrays: its arrays (``IntegerExport.layer_arrays``).
     inputs: the layer input.
     activation_codes: the input's integer codes if already known (int32,
       ``inputs``' shape); by default computed from ``inputs``.
+    call_args: the layer call's arguments after the input (``nn.Einsum``'s
+      equation).
+    call_kwargs: the layer call's keyword arguments.
 
   Returns:
     The layer output (folded BatchNorm included), in the layer's dtype.
   """
   out_dtype = module.dtype or jnp.result_type(inputs.dtype, jnp.float32)
+  equation = None
+  if layer_kinds.kind_of(module) in layer_kinds.DENSE_LIKE:
+    equation = layer_kinds.einsum_equation(
+        module, inputs, entry["kernel_shape"], call_args, call_kwargs)
   if "weight_codes" in arrays and "activation_step" in arrays:
-    if isinstance(module, nn.Conv):
+    if equation is None:
       y = _integer_conv(module, entry, arrays, inputs, activation_codes)
     else:
-      y = _integer_dense(entry, arrays, inputs, activation_codes)
+      y = _integer_einsum(equation, entry, arrays, inputs, activation_codes)
   else:
-    y = _float_layer(module, entry, arrays, inputs, activation_codes)
+    y = _float_layer(module, entry, arrays, inputs, activation_codes,
+                     equation)
   return y.astype(out_dtype)
 
 
@@ -284,7 +351,7 @@ def integer_apply(model: nn.Module, export: IntegerExport, x: jax.Array,
     What ``model.apply`` returns (the logits).
 
   Raises:
-    ExportError: the model calls a conv / dense the export does not hold.
+    ExportError: the model calls a weight layer the export does not hold.
   """
   if arrays is not None:
     export = IntegerExport(export.manifest, dict(arrays))
@@ -298,15 +365,17 @@ def integer_apply(model: nn.Module, export: IntegerExport, x: jax.Array,
     path = "/".join(module.path)
     if isinstance(module, nn.BatchNorm) and path in folded:
       return args[0] if args else kwargs["x"]
-    if not isinstance(module, (nn.Conv, nn.Dense)):
-      return next_fun(*args, **kwargs)
+    if layer_kinds.kind_of(module) not in layer_kinds.QUANTIZABLE:
+      return next_fun(*args, **kwargs)  # float, from the kept variables
     if path not in entries:
       raise ExportError(
           f"the model calls layer {path!r}, which the export does not hold;"
           " export with inputs and apply_kwargs that call every layer")
-    inputs = args[0] if args else kwargs["inputs"]
-    return exported_layer_apply(module, entries[path],
-                                export.layer_arrays(path), inputs)
+    inputs = layer_kinds.layer_input(args, kwargs)
+    return exported_layer_apply(
+        module, entries[path], export.layer_arrays(path), inputs,
+        call_args=args[1:], call_kwargs={k: v for k, v in kwargs.items()
+                                         if k != "inputs"})
 
   with nn.intercept_methods(intercept):
     return model.apply(export.variables(), x,

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdnsq_jax import layer_kinds
 from gdnsq_jax import layers as qlayers
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.export.exporter import IntegerExport
@@ -54,7 +55,7 @@ def compare_layers(qmodel: Any, variables: Mapping[str, Any],
                    export: IntegerExport, x: jax.Array,
                    apply_kwargs: Optional[Mapping[str, Any]] = None
                    ) -> dict[str, jax.Array]:
-  """Teacher-forced relative error of every exported conv / dense layer.
+  """Teacher-forced relative error of every exported weight layer.
 
   Jittable (the result is a dict of scalars).
 
@@ -84,7 +85,8 @@ def compare_layers(qmodel: Any, variables: Mapping[str, Any],
     if qlayers.inside_fp_twin():
       return out
     inputs = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
-    if isinstance(module, (nn.Conv, nn.Dense)) and path in entries:
+    if (layer_kinds.kind_of(module) in layer_kinds.QUANTIZABLE
+        and path in entries):
       arrays = export.layer_arrays(path)
       x_hat = quantized_inputs.get(f"{path}/{INPUT_QUANTIZER}")
       codes = None
@@ -92,8 +94,9 @@ def compare_layers(qmodel: Any, variables: Mapping[str, Any],
         codes = jnp.round((x_hat.astype(jnp.float32)
                            - arrays["activation_clamp_low"])
                           / arrays["activation_step"]).astype(jnp.int32)
-      integer = exported_layer_apply(module, entries[path], arrays, inputs,
-                                     codes)
+      integer = exported_layer_apply(
+          module, entries[path], arrays, inputs, codes, call_args=args[1:],
+          call_kwargs={k: v for k, v in kwargs.items() if k != "inputs"})
       if entries[path]["batch_norm"]:
         pending.append((out, path, integer))  # compared after its BatchNorm
       else:
