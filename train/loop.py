@@ -292,8 +292,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
   c = config.train
   weight_bits = config.quant.weight_bits
   activation_bits = config.quant.activation_bits
-  # LSQ's fixed-bit weight quantizers clip their codes to 2^B levels.
-  fixed_weight_bits = weight_bits if qmodel.settings.method == "lsq" else None
+  # Fixed-bit weight quantizers (LSQ) clip their codes to 2^B levels.
+  fixed_weight_bits, _ = qmodel.settings.family.fixed_widths(qmodel.settings)
   labels_only = config.distill.loss == steps.LABELS
   train_step = compile_train_step(
       steps.make_train_step(

@@ -26,6 +26,7 @@ import ml_collections
 
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
+from gdnsq_jax import families
 from gdnsq_jax import interception
 from gdnsq_jax import layers
 from gdnsq_jax import penalty
@@ -124,10 +125,10 @@ def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
       estimator=q.estimator, activation_estimator=q.activation_estimator,
       per_channel=q.per_channel, dither=q.dither,
       learnable_clamp_low=q.learnable_clamp_low, method=q.method,
-      # One-shot and LSQ start at the target widths (LSQ: each its own).
+      # One-shot and fixed-width (LSQ) families start at the target widths.
       calibration_bits=(q.calibration_bits
-                        if q.gradual and q.method == "gdnsq"
-                        else q.weight_bits))
+                        if q.gradual and families.get_family(q.method)
+                        .learns_widths else q.weight_bits))
 
 
 def quant_rules(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -148,8 +149,9 @@ def make_optimizer(config, activation_bits):
       weight_bits=config.quant.weight_bits,
       activation_bits=activation_bits,
       warmup_steps=o.warmup_steps, gamma=o.gamma,
-      # LSQ's widths are fixed: its penalty weight stays 0 (no penalty).
-      t_increment=(0.0 if config.quant.method == "lsq"
+      # Fixed widths (LSQ): the penalty weight stays 0 (no penalty).
+      t_increment=(0.0 if not families.get_family(config.quant.method)
+                   .learns_widths
                    else None if o.t_increment < 0 else o.t_increment),
       b1=o.b1, b2=o.b2, eps=o.eps, flatten=o.flatten)
 
