@@ -20,6 +20,11 @@ Params-tree conventions (the layers of :mod:`gdnsq_jax.layers` follow them):
 * an *activation quantizer* is any dict holding ``log2_step``,
   ``log2_range`` and ``clamp_low`` (scalars). A quantized conv/dense keeps its
   input quantizer in the child dict ``input_quantizer``.
+
+Any ``Mapping`` works, e.g. the ``nnx.State`` of an NNX model quantized by
+:mod:`gdnsq_jax.nnx_quantize` (as ``nnx.Optimizer`` passes it to the
+penalty), whose ``nnx.List`` children have int keys: their paths name them
+by ``str`` (``blocks/0/conv``).
 """
 
 from __future__ import annotations
@@ -157,16 +162,27 @@ class QuantizerIndex(NamedTuple):
 
 
 def _walk(tree: Any, prefix: tuple[str, ...] = ()):
+  # Keys may be ints (an ``nnx.State``'s ``nnx.List`` children): sorted
+  # within their type, named by str(key).
   if isinstance(tree, Mapping):
     yield prefix, tree
-    for k in sorted(tree):
+    for k in sorted(tree, key=lambda k: (isinstance(k, str), k)):
       yield from _walk(tree[k], prefix + (str(k),))
+
+
+def _child(node: Mapping[Any, Any], name: str) -> Any:
+  if name in node:
+    return node[name]
+  for key in node:  # an int key named by its str
+    if str(key) == name:
+      return node[key]
+  raise KeyError(name)
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
   node = tree
   for part in path.split("/") if path else ():
-    node = node[part]
+    node = _child(node, part)
   return node
 
 

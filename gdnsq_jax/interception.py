@@ -70,6 +70,7 @@ __all__ = [
     "QuantizedModel",
     "add_quantizer_params",
     "format_quantization_report",
+    "place_layers",
     "quantization_report",
     "quantize_model",
 ]
@@ -270,6 +271,26 @@ def quantize_model(
   elif isinstance(rules, Mapping):
     rules = QuantizationRules.from_dict(rules)
   traced = tracing.trace_calls(model, sample_args, sample_kwargs)
+  return QuantizedModel(model, settings, place_layers(traced, rules))
+
+
+def place_layers(traced: Sequence[tracing.TracedLayer],
+                 rules: QuantizationRules) -> tuple[LayerInfo, ...]:
+  """Roles and placement of traced layers (docs/method.md §5, D6).
+
+  Stem: the first layer called; classifier: the dense-like layer called
+  last; ``1x1``: a conv with a 1x1 spatial kernel; explicit Quant layers stay
+  quantized; every other layer is decided by ``rules``. Framework-agnostic:
+  the NNX front end (:mod:`gdnsq_jax.nnx_quantize`) places its traced layers
+  with it too.
+
+  Args:
+    traced: the layers in first-call order (:mod:`gdnsq_jax.tracing`).
+    rules: the placement rules.
+
+  Returns:
+    One :class:`LayerInfo` per traced layer, in the same order.
+  """
   dense = [l for l in traced if l.kind in layer_kinds.DENSE_LIKE]
   stem = traced[0].path if traced else None
   classifier = max(dense, key=lambda l: l.last_call).path if dense else None
@@ -289,7 +310,7 @@ def quantize_model(
     else:
       quantized, reason = _decide(path, kind, role, rules)
     infos.append(LayerInfo(path, kind, shape, role, quantized, reason))
-  return QuantizedModel(model, settings, tuple(infos))
+  return tuple(infos)
 
 
 def quantization_report(qmodel: QuantizedModel) -> list[LayerInfo]:

@@ -283,6 +283,17 @@ class ParamsTreeTest(parameterized.TestCase):
                       empty.activation_max, empty.activation_mean),
                      (0.0, 0.0, 0.0, 0.0))
 
+  def test_int_keys_of_nnx_list_children(self):
+    # An nnx.State holding an nnx.List: its children have int keys.
+    params = {"blocks": {1: _params()["conv1"], 0: _params()["conv1"]}}
+    index = bitwidths.find_quantizers(params)
+    self.assertEqual(index.weights, ("blocks/0", "blocks/1"))
+    self.assertEqual(index.activations[0], "blocks/0/input_quantizer")
+    weights, _ = jax.jit(bitwidths.differentiable_bitwidths)(params)
+    self.assertEqual(weights.shape, (8,))
+    summary = bitwidths.summarize_bitwidths(params)
+    self.assertAlmostEqual(summary.weight_layers["blocks/1"][0], 4.0, places=5)
+
 
 def _stats(code_min, code_max):
   """One batch's sown ``quant_stats`` for the quantizer ``conv/input_quantizer``."""
