@@ -89,7 +89,7 @@ def get_config(
   c.quant.weight_bits = weight_bits  # Target weight bits (W).
   c.quant.activation_bits = activation_bits  # Target activation bits (A); >=32 off.
   c.quant.calibration_bits = 10  # Bits of the calibrated starting point.
-  c.quant.estimator = "ste"  # Weights: ste|lsq|ewgs|aewgs (docs/method.md D4).
+  c.quant.estimator = "ste"  # Weights: ste|rounding_error|ewgs|aewgs (docs/method.md D4).
   c.quant.activation_estimator = "ste"  # Activation backward (reference: ste).
   c.quant.dither = "uniform12"  # uniform12|half|pure (docs/method.md D1, D2).
   c.quant.per_channel = True  # Per-output-channel weight steps.

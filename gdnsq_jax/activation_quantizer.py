@@ -8,7 +8,7 @@ so that autodiff gives the reference's product-rule terms:
 gradient), ``dL/db`` = sum of G over clamped elements, ``dL/dq`` = sum of G
 above the top, ``dL/ds = sum G * (n + s rho) - sum G[above]``.
 
-For ``ste`` or ``lsq`` (the default) the same values come from one fused
+For ``ste`` (the default) or ``rounding_error`` the same values come from one fused
 primitive, ``_quantize_clamped``: its backward recomputes the rounding error
 and the dither from the input in two fused passes instead of writing them to
 memory, which cut the quantizers' cost in a CPU train step several fold
@@ -41,7 +41,8 @@ def _clamp(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# The activation quantizer for ``ste`` / ``lsq`` as one fused primitive.
+# The activation quantizer for ``ste`` / ``rounding_error`` as one fused
+# primitive.
 # ---------------------------------------------------------------------------
 
 
@@ -98,7 +99,7 @@ def _sums(terms: list[jax.Array]) -> list[jax.Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _quantize_clamped(x, step, width, low, key, estimator, dither):
-  """Float32 ``quantize_activation`` for ``ste`` / ``lsq`` (``dL/dc = G``).
+  """Fused float32 ``quantize_activation`` (``dL/dc = G``: ste, rounding_error).
 
   The forward is the composition's; the backward is autodiff of
   ``c + s N(v, s)`` term by term, summed in another order. Only ``x`` is
@@ -126,7 +127,7 @@ def _quantize_clamped_bwd(estimator, dither, residuals, g):
   at_high = jnp.where(below, zero, jnp.where(above, g, zero))
   terms = [g * e, jnp.where(below, g, zero), at_high]  # s * N; b; b + q - s
   g_noise = step * g  # dL/dN, as the composition's
-  if estimator == "lsq":
+  if estimator == "rounding_error":
     terms.append(g_noise * e)
   elif key is not None or dither == "pure":  # else the step term is 0
     rho = zero if key is None else dither_values(
@@ -165,7 +166,7 @@ def quantize_activation(
   ``c = clip(x, b, b + q - s)`` and ``x_hat = s * round((c - b) / s) + b``,
   codes in ``{0, ..., round(q / s - 1)}``. The clamp routes gradients like
   ``torch.clamp``: an input equal to a bound passes its gradient to ``x``.
-  ``ste`` and ``lsq`` run as one fused primitive with the same values (the
+  ``ste`` and ``rounding_error`` run as one fused primitive with the same values (the
   backward of the composition ``c + s N(v, s)`` up to float32 summation
   order); ``ewgs`` and ``aewgs`` differentiate the composition.
 
@@ -201,7 +202,7 @@ def quantize_activation(
   width = jnp.exp2(jnp.asarray(log2_range, jnp.float32).reshape(()))
   low = jnp.asarray(clamp_low, jnp.float32).reshape(())
   xf = x.astype(jnp.float32)
-  if estimator in ("ste", "lsq"):
+  if estimator in ("ste", "rounding_error"):
     out = _quantize_clamped(xf, step, width, low, key, estimator, dither)
   else:  # the composition c + s N(v, s), differentiated by JAX
     c = _clamp(xf, low, low + width - step)

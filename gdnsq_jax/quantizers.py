@@ -46,6 +46,7 @@ import jax.numpy as jnp
 __all__ = [
     "DITHERS",
     "ESTIMATORS",
+    "RENAMED_ESTIMATORS",
     "dither_key",
     "dither_values",
     "quantize_weight",
@@ -56,7 +57,7 @@ __all__ = [
     "weight_channel_range",
 ]
 
-ESTIMATORS = ("aewgs", "ewgs", "lsq", "ste")
+ESTIMATORS = ("aewgs", "ewgs", "rounding_error", "ste")
 """Backward rules of the rounding noise (docs/method.md §4.1)."""
 
 DITHERS = ("uniform12", "half", "pure")
@@ -85,8 +86,19 @@ _DITHER_AMPLITUDE = {
 }
 
 
+RENAMED_ESTIMATORS = {"lsq": "rounding_error"}
+"""Old estimator spellings: ``lsq`` read as the LSQ baseline, which it is not."""
+
+
 def validate_estimator(estimator: str) -> str:
   """Returns ``estimator`` or raises a ValueError listing the valid names."""
+  if estimator in RENAMED_ESTIMATORS:
+    raise ValueError(
+        f"estimator {estimator!r} is now spelled "
+        f"{RENAMED_ESTIMATORS[estimator]!r} (the reference's variant it calls "
+        "'LSQ': step gradient from the rounding error, no gradient scale); "
+        "the LSQ baseline itself is QuantSettings(method='lsq') "
+        "(docs/method.md D13)")
   if estimator not in ESTIMATORS:
     raise ValueError(
         f"unknown estimator {estimator!r}; choose one of: "
@@ -311,7 +323,7 @@ def rounding_noise(
   * input term ``dL/dv`` (added to the straight-through ``g`` that reaches
     ``v`` through ``v + N``):
 
-    - ``ste``, ``lsq``: 0;
+    - ``ste``, ``rounding_error``: 0;
     - ``ewgs``: ``-delta |g| e`` with delta = 0.01, so the total input
       gradient is ``g + delta |g| (v - round v)`` (Lee et al., 2021);
     - ``aewgs``: ``-g phi`` with ``phi = min(delta sign(g) e, 0.99)`` and
@@ -328,8 +340,8 @@ def rounding_noise(
       index (:func:`dither_values`; ``dither='half'``:
       amplitude 1/2; ``dither='pure'``: ``g * (rho - e) / s``, which turns the
       total step gradient of a quantizer into ``sum G rho``);
-    - ``lsq``: ``g * e`` (the reference's ``LSQ`` variant without a gradient
-      scale).
+    - ``rounding_error``: ``g * e`` (the reference's variant it calls
+      ``LSQ``, without LSQ's gradient scale).
 
     With ``key=None`` the dither is zero (deterministic backward).
 
@@ -367,7 +379,7 @@ def _rounding_noise_fwd(v, step, key, estimator, dither, axis_name):
 
 def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
   e, step, key = residuals
-  if estimator == "lsq":
+  if estimator == "rounding_error":
     step_term = g * e
   else:
     if key is None:
@@ -380,7 +392,7 @@ def _rounding_noise_bwd(estimator, dither, axis_name, residuals, g):
       step_term = g * rho
   step_grad = _sum_to_shape(step_term, step.shape).astype(step.dtype)
 
-  if estimator in ("ste", "lsq"):
+  if estimator in ("ste", "rounding_error"):
     v_grad = None  # a symbolic zero: no pass over v's producers
   elif estimator == "ewgs":
     v_grad = -EWGS_DELTA * jnp.abs(g) * e

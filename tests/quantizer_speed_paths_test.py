@@ -1,6 +1,6 @@
-"""The fused ``ste`` / ``lsq`` activation quantizer equals the composition.
+"""The fused ``ste`` / ``rounding_error`` activation quantizer equals the composition.
 
-:func:`gdnsq_jax.quantize_activation` runs ``ste`` and ``lsq`` as one fused
+:func:`gdnsq_jax.quantize_activation` runs ``ste`` and ``rounding_error`` as one fused
 primitive for speed (issue 6). Its forward must equal the composition
 ``c + s N(v, s)`` of docs/method.md §2.2 and §4.3 (arXiv 2508.14004)
 bit for bit, and its gradients must be that composition's autodiff: the input
@@ -62,7 +62,7 @@ class FusedForwardTest(chex.TestCase):
   def test_forward_is_the_composition_bit_for_bit(self, dtype):
     x, _ = _inputs()
     x = x.astype(dtype)
-    for estimator in ("ste", "lsq"):
+    for estimator in ("ste", "rounding_error"):
       fused = self.variant(functools.partial(
           activation_quantizer.quantize_activation, estimator=estimator))(x, *PARAMS)
       self.assertEqual(fused.dtype, dtype)
@@ -74,7 +74,7 @@ class FusedBackwardTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(itertools.product(
-      ("ste", "lsq"), quantizers.DITHERS, (False, True)))
+      ("ste", "rounding_error"), quantizers.DITHERS, (False, True)))
   def test_gradients_are_the_composition_autodiff(self, estimator, dither,
                                                   with_key):
     # 1000 elements: not a multiple of the 512-element summation block.
@@ -133,7 +133,7 @@ class FusedBackwardTest(chex.TestCase):
     x, upstream = _inputs(shape=(8, 125))
     params = [jnp.float32(p) for p in PARAMS]
     grad = jax.grad(functools.partial(
-        _loss, activation_quantizer.quantize_activation, estimator="lsq"),
+        _loss, activation_quantizer.quantize_activation, estimator="rounding_error"),
         (0, 1, 2, 3))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
     rep, data = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("data")

@@ -111,11 +111,11 @@ class WeightGradientTest(chex.TestCase):
     np.testing.assert_array_equal(grad, upstream)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_lsq_step_gradient_is_exact(self):
+  def test_rounding_error_step_gradient_is_exact(self):
     kernel, upstream = ref.random_kernel(), ref.random_kernel(seed=5)
     log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0])
     grad = self.variant(jax.grad(functools.partial(
-        ref.weight_loss, estimator="lsq"), argnums=1))(
+        ref.weight_loss, estimator="rounding_error"), argnums=1))(
             kernel, log2_step, upstream, jax.random.key(3))
     _, _, s, v = ref.weight_reference(kernel, log2_step)
     s = s.reshape(-1)
@@ -292,8 +292,12 @@ class ValidationTest(parameterized.TestCase):
     for fn, args in ((quantizers.quantize_weight, (kernel, jnp.zeros(4))),
                      (activation_quantizer.quantize_activation, (kernel, 0., 2., 0.))):
       with self.assertRaisesRegex(
-          ValueError, r"unknown estimator 'st'.*aewgs, ewgs, lsq, ste"):
+          ValueError, r"unknown estimator 'st'.*aewgs, ewgs, rounding_error, ste"):
         fn(*args, estimator="st")
+      with self.assertRaisesRegex(
+          ValueError, r"estimator 'lsq' is now spelled 'rounding_error'.*"
+          r"QuantSettings\(method='lsq'\)"):
+        fn(*args, estimator="lsq")
       with self.assertRaisesRegex(
           ValueError, r"unknown dither 'gauss'.*uniform12, half, pure"):
         fn(*args, dither="gauss")
