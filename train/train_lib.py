@@ -251,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           "device_kind": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(),
           "num_processes": jax.process_count(),
+          "code_commit": reporting.code_commit(),
       }
       if config.mode == "quantize":
         results.update(quantize(config, workdir, model, fp_variables,
