@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import threading
 from typing import Any, Callable, Optional
 
@@ -58,6 +57,7 @@ from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
 from gdnsq_jax.quantizers import dither_key
+from gdnsq_jax.quantizers import quantizer_id
 from gdnsq_jax.settings import METHODS
 from gdnsq_jax.settings import QuantSettings
 
@@ -89,7 +89,9 @@ def _noise_key(module: nn.Module) -> Optional[jax.Array]:
   """This quantizer's dither key if the caller provided :data:`NOISE_RNG`.
 
   What ``module.make_rng`` would fold in (the module path and a call
-  count) is hashed at trace time into a static id, and the caller's key
+  count) is hashed at trace time into a static id
+  (:func:`gdnsq_jax.quantizers.quantizer_id`, shared with the NNX layers),
+  and the caller's key
   (one per step) is xor-ed with it (:func:`gdnsq_jax.quantizers.dither_key`):
   no PRNG fold-in per quantizer; the backward hashes the element indices.
   """
@@ -98,11 +100,8 @@ def _noise_key(module: nn.Module) -> Optional[jax.Array]:
   scope = module.scope
   stream = scope.rngs[NOISE_RNG]  # flax LazyRng: apply()'s key + the path
   scope.rng_counters[NOISE_RNG] += 1  # each call its own dither, as make_rng
-  suffix = tuple(getattr(stream, "suffix", ())) + (
-      scope.rng_counters[NOISE_RNG],)
-  digest = hashlib.sha1(repr(suffix).encode("utf-8")).digest()
-  return dither_key(getattr(stream, "rng", stream),
-                    int.from_bytes(digest[:8], "little"))
+  return dither_key(getattr(stream, "rng", stream), quantizer_id(
+      tuple(getattr(stream, "suffix", ())), scope.rng_counters[NOISE_RNG]))
 
 
 def _scalar_param(module: nn.Module, name: str, value: float) -> jax.Array:
