@@ -181,14 +181,20 @@ def _iterate(ds: grain.MapDataset, dataset: Dataset, *, workers: int,
   return iter(it_ds)
 
 
+@functools.lru_cache(maxsize=None)
+def _normalize_on(mesh, mean, std):
+  """``normalize`` jitted for ``mesh`` (one compile per run, not per pass)."""
+  return jax.jit(
+      functools.partial(normalize, mean=mean, std=std, xp=jax.numpy),
+      out_shardings=sharding.batch_sharding(mesh))
+
+
 class _Placement:
   """Global arrays with the batch sharding; images normalised on the devices."""
 
   def __init__(self, mesh, mean, std):
     self._mesh = mesh
-    self._normalize = jax.jit(
-        functools.partial(normalize, mean=mean, std=std, xp=jax.numpy),
-        out_shardings=sharding.batch_sharding(mesh))
+    self._normalize = _normalize_on(mesh, tuple(mean), tuple(std))
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     out = sharding.host_to_global(batch, self._mesh)
