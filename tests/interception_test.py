@@ -323,6 +323,35 @@ class AnyLinenModelTest(parameterized.TestCase):
     self.assertEqual(attention["out"]["log2_step"].shape, (16,))
     self.assertIn("input_quantizer", attention["value"])
 
+  def test_zoo_models_under_default_rules_and_path_regexes(self):
+    _, qmodel, _, v, _ = self._setup(*_ANY_MODELS[3][1:])
+    blocks = {f"encoder_block1/attention/{p}"
+              for p in ("query", "key", "value", "out")}
+    mlp = {"encoder_block1/mlp_dense1", "encoder_block1/mlp_dense2"}
+    self.assertEqual(qmodel.quantized_paths, blocks | mlp)
+    self.assertEqual(
+        v["params"]["encoder_block1"]["attention"]["key"]["log2_step"].shape,
+        (2, 8))
+    q = interception.quantize_model(
+        qmodel.model, layer_setup.normal((1, 8, 8, 1)), train=False,
+        rules={"exclude": [r".*attention/(query|key)"]})
+    self.assertEqual(q.quantized_paths, mlp | {
+        "encoder_block1/attention/value", "encoder_block1/attention/out"})
+    self.assertEqual(
+        {r.reason for r in q.layers if r.path.endswith(("query", "key"))},
+        {"excluded by '.*attention/(query|key)'"})
+    _, qmodel, _, v, _ = self._setup(*_ANY_MODELS[4][1:])
+    rows = {r.path: r for r in qmodel.layers}
+    depthwise = [p for p in rows if p.endswith("/depthwise")]
+    self.assertLen(depthwise, 3)
+    for path in depthwise:
+      self.assertTrue(rows[path].quantized)
+      self.assertEqual(rows[path].kernel_shape[-2], 1)  # one input per group
+      node = v["params"]
+      for part in path.split("/"):
+        node = node[part]
+      self.assertEqual(node["log2_step"].shape, (rows[path].kernel_shape[-1],))
+
   def test_depthwise_convs_get_one_step_per_output_channel(self):
     _, qmodel, _, v, _ = self._setup(layer_setup.TinyMobileNet, (4, 8, 8, 3))
     rows = {r.path: r for r in qmodel.layers}
