@@ -165,8 +165,12 @@ def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 _MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
-def _mix32(x):
-  """lowbias32 on uint32 arrays, or on Python ints (at trace time)."""
+def _mix32(x, final_shift: bool = True):
+  """lowbias32 on uint32 arrays, or on Python ints (at trace time).
+
+  ``final_shift=False`` skips the last ``x ^= x >> 16``, which leaves the
+  top bit (the only one the dither reads) unchanged.
+  """
   m0, m1 = _MIX_MULTIPLIERS
   if isinstance(x, int):
     x &= 0xFFFFFFFF
@@ -174,12 +178,12 @@ def _mix32(x):
     x = (x * m0) & 0xFFFFFFFF
     x ^= x >> 15
     x = (x * m1) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    return x ^ (x >> 16) if final_shift else x
   x = x ^ (x >> 16)
   x = x * jnp.uint32(m0)
   x = x ^ (x >> 15)
   x = x * jnp.uint32(m1)
-  return x ^ (x >> 16)
+  return x ^ (x >> 16) if final_shift else x
 
 
 def _key_words(key) -> tuple[jax.Array, jax.Array]:
@@ -271,9 +275,11 @@ def dither_values(
   """The step-size dither ``rho``: ``+-amplitude`` per element, float32.
 
   Counter-based: element ``i`` (row-major) gets the top bit of
-  ``mix(mix(i ^ k0) ^ k1)``, with ``mix`` the lowbias32 integer hash and
-  ``(k0, k1)`` the key's words. Elementwise, so XLA fuses it into the
-  backward pass that uses it: no random-bit kernels. Each element is
+  ``mix(mix(i ^ s0) ^ s1)``, with ``mix`` the lowbias32 integer hash and
+  ``(s0, s1)`` the key's two words mixed together (scalar work, once per
+  call: keys a few bits apart give unrelated seeds). Elementwise, so XLA
+  fuses it into the backward pass that uses it: no random-bit kernels, about
+  20 integer operations per element. Each element is
   ``+amplitude`` or ``-amplitude`` with probability 1/2, independently
   across elements, quantizers (:func:`dither_key`) and steps
   (tests/dither_test.py checks mean, variance and correlations); the same
@@ -291,11 +297,13 @@ def dither_values(
     ``rho`` of shape ``shape``.
   """
   amplitude = jnp.float32(_DITHER_AMPLITUDE[dither])
-  seed0, seed1 = _key_words(key)
+  word0, word1 = _key_words(key)
+  seed0 = _mix32(word0 ^ _mix32(word1 ^ jnp.uint32(0x6A09E667)))
+  seed1 = _mix32(word1 ^ _mix32(seed0 ^ jnp.uint32(0xBB67AE85)))
   index = _element_index(tuple(shape)) + jnp.asarray(index_offset,
                                                      jnp.uint32)
-  bits = _mix32(_mix32(index ^ seed0) ^ seed1) >> 31
-  return jnp.where(bits == 1, amplitude, -amplitude)
+  hashed = _mix32(_mix32(index ^ seed0) ^ seed1, final_shift=False)
+  return jnp.where(hashed >= jnp.uint32(1 << 31), amplitude, -amplitude)
 
 
 # ---------------------------------------------------------------------------
