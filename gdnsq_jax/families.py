@@ -31,6 +31,7 @@ import numpy as np
 
 from gdnsq_jax import lsq
 from gdnsq_jax.activation_quantizer import quantize_activation
+from gdnsq_jax.bitwidths import FLOAT_BITS
 from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
 from gdnsq_jax.quantizers import quantize_weight
 
@@ -200,7 +201,7 @@ class Lsq(QuantizerFamily):
   def check_settings(self, settings):
     for name in ("weight_bits", "activation_bits"):
       bits = getattr(settings, name)
-      if bits < 32 and not float(bits).is_integer():
+      if bits < FLOAT_BITS and not float(bits).is_integer():
         raise ValueError(
             f"method='lsq' has fixed integer widths but {name}={bits!r}; "
             "use an integer (or >= 32 to disable the quantizer)")

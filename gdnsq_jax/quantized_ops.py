@@ -68,6 +68,10 @@ def observing() -> Iterator[None]:
   quantizer records the input of the *full-precision* network: nothing
   upstream is clamped to an initial grid (a LayerNorm output or a linear
   bottleneck keeps its negative values; docs/method.md §6).
+
+  The flag is read when a function is traced: a function jitted and traced
+  before, then called inside the context, keeps the quantizers it was
+  traced with (calibration traces its own jitted pass, so it is unaffected).
   """
   _observation.depth = getattr(_observation, "depth", 0) + 1
   try:
