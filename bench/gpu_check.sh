@@ -13,7 +13,8 @@
 # and the call: run(command="bash bench/gpu_check.sh", carry=[".whl"],
 #                   timeout_s=480)
 # Writes under $OUT: speed.txt (FP vs GDNSQ W2A2 step, ResNet-20, batch
-# 1000, and the W2A32 / W32A2 diagnostics), profile.txt +
+# 1000, with the teacher in bfloat16 -- teacher.dtype 'auto' -- and in
+# float32, and the optimizer per param), profile.txt +
 # w2a2-xla.hlo.txt.gz (where the step's GPU time goes), w2a2/results.json +
 # bitwidths.txt (short CIFAR-shaped W2A2 run on random data: throughput and
 # the bit-width descent, not accuracy), input_pipeline.txt (ResNet-20 W2A2
@@ -39,12 +40,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 cat "$OUT/env.txt"
 
 # 1. Train-step throughput, FP vs FP distillation vs GDNSQ W2A2 (XLA's conv
-#    on GPU), ResNet-20 at batch 1000, with the W2A32 / W32A2 diagnostics
-#    (only the weight / only the activation quantizers).
+#    on GPU), ResNet-20 at batch 1000. fp-distill-xla / w2a2-xla: the
+#    teacher forward in teacher.dtype='auto' (bfloat16 on a GPU);
+#    *-tf32-xla: in float32 (the speed side of the teacher.dtype choice);
 #    w2a2-unflat-xla: the optimizer per param (optim.flatten=False).
 if [[ $PARTS == *" speed "* ]]; then
 timeout 200 python3 -m bench.speed --models resnet20 --batch 1000 \
-  --configs fp-xla,fp-distill-xla,w2a2-xla,w2a2-unflat-xla,w2a32-xla,w32a2-xla \
+  --configs fp-xla,fp-distill-xla,w2a2-xla,fp-distill-tf32-xla,w2a2-tf32-xla,w2a2-unflat-xla \
   --repeats 20 2>&1 | tee "$OUT/speed.txt"
 fi
 
