@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import string
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import nnx
@@ -39,6 +40,7 @@ from gdnsq_jax import tracing
 __all__ = [
     "NnxTracedLayer",
     "channel_axes",
+    "einsum_equation",
     "kind_of",
     "module_paths",
     "subclass_with_call",
@@ -77,18 +79,50 @@ def _weight(module: Any, kind: str) -> nnx.Variable:
   return module.embedding if kind == "embed" else module.kernel
 
 
-def einsum_equation(module: nnx.Einsum, inputs: Any,
-                    kernel_shape: Sequence[int], args: Sequence[Any] = (),
+def _normalize(axes, ndim):
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(a % ndim for a in axes)
+
+
+def einsum_equation(module: Any, inputs: Any, kernel_shape: Sequence[int],
+                    args: Sequence[Any] = (),
                     kwargs: Optional[Mapping[str, Any]] = None) -> str:
-  """The explicit ``'lhs,rhs->out'`` equation an ``nnx.Einsum`` call computes."""
-  kwargs = kwargs or {}
-  equation = (args[0] if args and args[0] is not None
-              else kwargs.get("einsum_str") or module.einsum_str)
-  operands, out, _ = opt_einsum.parser.parse_einsum_input((
-      equation.replace(" ", ""),
-      jax.ShapeDtypeStruct(tuple(inputs.shape), jnp.float32),
-      jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
-  return f"{operands}->{out}"
+  """The explicit ``'lhs,rhs->out'`` einsum a dense-like NNX layer computes.
+
+  As :func:`gdnsq_jax.layer_kinds.einsum_equation` for the Linen layers:
+  ``nnx.Linear`` contracts the last input axis; ``nnx.LinearGeneral`` its
+  ``axis`` against the kernel ``batch + in + out``; ``nnx.Einsum`` its own
+  equation (``einsum_str`` of the call or the module).
+
+  Raises:
+    ValueError: for a module that is not dense-like.
+  """
+  kind = kind_of(module)
+  ndim = len(inputs.shape)
+  letters = string.ascii_letters
+  lhs = letters[:ndim]
+  if kind == "dense":
+    rhs = lhs[-1] + letters[ndim]
+    return f"{lhs},{rhs}->{lhs[:-1]}{rhs[-1]}"
+  if kind == "dense_general":
+    axis = _normalize(module.axis, ndim)
+    batch = _normalize(tuple(module.batch_axis), ndim)
+    features = letters[ndim:ndim + len(module.out_features)]
+    rhs = ("".join(lhs[b] for b in batch) + "".join(lhs[a] for a in axis)
+           + features)
+    out = "".join(lhs[i] for i in range(ndim) if i not in axis)
+    return f"{lhs},{rhs}->{out}{features}"
+  if kind == "einsum":
+    kwargs = kwargs or {}
+    equation = (args[0] if args and args[0] is not None
+                else kwargs.get("einsum_str") or module.einsum_str)
+    operands, out, _ = opt_einsum.parser.parse_einsum_input((
+        equation.replace(" ", ""),
+        jax.ShapeDtypeStruct(tuple(inputs.shape), jnp.float32),
+        jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
+    return f"{operands}->{out}"
+  raise ValueError(f"{type(module).__name__} is not a dense-like NNX layer "
+                   f"(kinds {', '.join(layer_kinds.DENSE_LIKE)})")
 
 
 def channel_axes(module: Any, inputs: Any, kernel_shape: Sequence[int],
@@ -97,24 +131,15 @@ def channel_axes(module: Any, inputs: Any, kernel_shape: Sequence[int],
                  ) -> tuple[int, ...]:
   """The kernel's output-channel axes (one weight step each).
 
-  A conv's last axis; a ``Linear``'s features; a ``LinearGeneral``'s batch
-  and feature axes (its kernel is ``batch + in + out``); an einsum's kernel
-  axes whose letter reaches the output -- as :mod:`gdnsq_jax.layer_kinds`
-  says for the Linen layers.
+  A conv's last axis; for a dense-like layer the kernel axes whose letter
+  reaches the output (:func:`einsum_equation`): a ``LinearGeneral``'s batch
+  and feature axes -- as :mod:`gdnsq_jax.layer_kinds` for the Linen layers.
   """
-  ndim = len(kernel_shape)
-  kind = kind_of(module)
-  if kind in ("conv", "dense"):
-    return (ndim - 1,)
-  if kind == "dense_general":
-    n_batch, n_out = len(module.batch_axis), len(module.out_features)
-    return tuple(range(n_batch)) + tuple(range(ndim - n_out, ndim))
-  if kind == "einsum":
-    rhs, out = einsum_equation(module, inputs, kernel_shape, args,
-                               kwargs).split(",")[1].split("->")
-    return tuple(i for i, c in enumerate(rhs) if c in out)
-  raise ValueError(f"{type(module).__name__} is not a quantizable NNX layer "
-                   f"(kinds {', '.join(layer_kinds.QUANTIZABLE)})")
+  if kind_of(module) == "conv":
+    return (len(kernel_shape) - 1,)
+  rhs, out = einsum_equation(module, inputs, kernel_shape, args,
+                             kwargs).split(",")[1].split("->")
+  return tuple(i for i, c in enumerate(rhs) if c in out)
 
 
 def module_paths(model: Any) -> dict[int, str]:

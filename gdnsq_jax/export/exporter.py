@@ -61,6 +61,7 @@ from gdnsq_jax.bitwidths import WIDTH_TOLERANCE
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.export import packing
 from gdnsq_jax.settings import QuantSettings
+from gdnsq_jax.tracing import TracedLayer
 from gdnsq_jax.tracing import trace_layers
 
 __all__ = [
@@ -266,6 +267,7 @@ def export_model(
     activation_bits: float = FLOAT_BITS,
     activation_widths: Optional[Mapping[str, float]] = None,
     force: bool = False,
+    traced: Optional[Sequence[TracedLayer]] = None,
 ) -> IntegerExport:
   """Exports a quantized model's variables as integer codes (module docs).
 
@@ -285,6 +287,10 @@ def export_model(
       :func:`gdnsq_jax.measure_activation_widths`, docs/method.md D11); a layer
       without one is judged by its level count ``log2(levels)``.
     force: export despite widths above the targets (recorded in manifest).
+    traced: the model's layers in inference mode, when the caller traced
+      them (the NNX front end, :mod:`gdnsq_jax.nnx_export`, passing its
+      :class:`gdnsq_jax.nnx_quantize.QuantizationPlan` as ``qmodel``); by
+      default :func:`gdnsq_jax.tracing.trace_layers` of ``qmodel.model``.
 
   Returns:
     The :class:`IntegerExport`.
@@ -307,8 +313,9 @@ def export_model(
         "so there are no integer codes to export; build the QuantizedModel "
         "with QuantSettings(enabled=True)")
   variables = {k: v for k, v in variables.items() if k != qlayers.QUANT_STATS}
-  traced = trace_layers(qmodel.model, variables, input_shape, input_dtype,
-                        apply_kwargs)
+  if traced is None:
+    traced = trace_layers(qmodel.model, variables, input_shape, input_dtype,
+                          apply_kwargs)
   quantized = qmodel.quantized_paths
   arrays, entries, used = {}, [], set()
   for layer in traced:

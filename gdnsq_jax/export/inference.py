@@ -278,7 +278,7 @@ def _float_layer(module, entry, arrays, x, kx=None, equation=None):
     kernel = kernel * module.mask
   dtype = module.dtype or jnp.result_type(x.dtype, kernel.dtype)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if isinstance(module, nn.Conv):
+  if equation is None:  # a conv
     kernel_size, conv = _conv_geometry(module)
     x, restore_batch = _flat_batch(x, kernel_size)
     y = restore_batch(conv(x, kernel, module.feature_group_count,
@@ -298,6 +298,7 @@ def exported_layer_apply(module: nn.Module, entry: Mapping[str, Any],
                          activation_codes: Optional[jax.Array] = None,
                          call_args: Sequence[Any] = (),
                          call_kwargs: Optional[Mapping[str, Any]] = None,
+                         equation: Optional[str] = None,
                          ) -> jax.Array:
   """One exported weight layer on ``inputs`` (integer path when possible).
 
@@ -312,13 +313,18 @@ def exported_layer_apply(module: nn.Module, entry: Mapping[str, Any],
     call_args: the layer call's arguments after the input (``nn.Einsum``'s
       equation).
     call_kwargs: the layer call's keyword arguments.
+    equation: a dense-like layer's ``'lhs,rhs->out'`` einsum, when the
+      caller knows it (the NNX front end, :mod:`gdnsq_jax.nnx_export`, whose
+      layers are not Linen modules); by default derived from the Linen
+      ``module``. Without one, ``module`` is a conv (Linen's or NNX's: the
+      same attribute names).
 
   Returns:
     The layer output (folded BatchNorm included), in the layer's dtype.
   """
   out_dtype = module.dtype or jnp.result_type(inputs.dtype, jnp.float32)
-  equation = None
-  if layer_kinds.kind_of(module) in layer_kinds.DENSE_LIKE:
+  if (equation is None
+      and layer_kinds.kind_of(module) in layer_kinds.DENSE_LIKE):
     equation = layer_kinds.einsum_equation(
         module, inputs, entry["kernel_shape"], call_args, call_kwargs)
   if "weight_codes" in arrays and "activation_step" in arrays:
@@ -382,9 +388,10 @@ def integer_apply(model: nn.Module, export: IntegerExport, x: jax.Array,
                        **export.manifest["apply_kwargs"])
 
 
-def export_inference(model: nn.Module, export: IntegerExport, *,
+def export_inference(model: Any, export: IntegerExport, *,
                      batch_size: Optional[int] = None,
-                     platforms: Optional[Sequence[str]] = None
+                     platforms: Optional[Sequence[str]] = None,
+                     apply_fn: Optional[Callable[[jax.Array], Any]] = None,
                      ) -> jax.export.Exported:
   """``jax.export`` of the integer inference (arrays baked in as constants).
 
@@ -394,6 +401,9 @@ def export_inference(model: nn.Module, export: IntegerExport, *,
     batch_size: a fixed batch size, or None for a symbolic one.
     platforms: lowering platforms (default: the current backend), e.g.
       ``('cpu', 'cuda')``.
+    apply_fn: the integer inference ``x -> logits`` to lower (default
+      ``integer_apply(model, export, x)``; the NNX front end passes
+      :func:`gdnsq_jax.nnx_export.integer_apply`'s).
 
   Returns:
     The ``jax.export.Exported``; its ``call(x)`` runs it.
@@ -405,8 +415,9 @@ def export_inference(model: nn.Module, export: IntegerExport, *,
   else:
     shape = (batch_size,) + shape
   spec = jax.ShapeDtypeStruct(shape, jnp.dtype(export.manifest["input_dtype"]))
-  fn = jax.jit(lambda x: integer_apply(model, export, x))
-  return jax.export.export(fn, platforms=platforms)(spec)
+  if apply_fn is None:
+    apply_fn = lambda x: integer_apply(model, export, x)
+  return jax.export.export(jax.jit(apply_fn), platforms=platforms)(spec)
 
 
 def serialize_inference(exported: jax.export.Exported) -> bytes:

@@ -40,10 +40,10 @@ from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.export.exporter import IntegerExport
 from gdnsq_jax.export.inference import exported_layer_apply
 
-__all__ = ["compare_layers", "compare_logits"]
+__all__ = ["compare_layers", "compare_logits", "relative_error"]
 
 
-def _relative_error(value: jax.Array, reference: jax.Array) -> jax.Array:
+def relative_error(value: jax.Array, reference: jax.Array) -> jax.Array:
   """``max |value - reference| / max |reference|`` (0 for a zero reference)."""
   value = jnp.asarray(value, jnp.float32)
   reference = jnp.asarray(reference, jnp.float32)
@@ -100,11 +100,11 @@ def compare_layers(qmodel: Any, variables: Mapping[str, Any],
       if entries[path]["batch_norm"]:
         pending.append((out, path, integer))  # compared after its BatchNorm
       else:
-        errors[path] = _relative_error(integer, out)
+        errors[path] = relative_error(integer, out)
     elif isinstance(module, nn.BatchNorm) and path in folded:
       for fake, layer, integer in pending:
         if fake is inputs:
-          errors[layer] = _relative_error(integer, out)
+          errors[layer] = relative_error(integer, out)
     return out
 
   if apply_kwargs is None:
