@@ -205,9 +205,12 @@ def _w2a2_loop_state(model_name: str, batch_size: int, mesh):
   model = speed.models.get_model(model_name, 10)
   step, (state, _, teacher) = speed.make_gdnsq_step(model, variables, batch,
                                                    config)
+  # Fresh buffers: the state's FP params and the teacher share arrays, and
+  # the step donates the state.
   return (loop.compile_train_step(step, mesh),
-          sharding.replicate(loop.LoopState.initial(state), mesh),
-          sharding.replicate(teacher, mesh))
+          sharding.replicate(jax.device_get(loop.LoopState.initial(state)),
+                             mesh),
+          sharding.replicate(jax.device_get(teacher), mesh))
 
 
 def _run(train_step, loop_state, teacher, batches, steps: int, mesh,

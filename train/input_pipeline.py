@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import multiprocessing
 import os
 import signal
 import threading
@@ -148,7 +149,8 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  parent = os.getppid()
+  # The process that spawned this one (it may be gone before this runs).
+  parent = getattr(multiprocessing.parent_process(), "pid", os.getppid())
 
   def exit_with_parent():
     while os.getppid() == parent:
