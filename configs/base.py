@@ -15,7 +15,8 @@ selects data, model and recipe:
   validation 4x per epoch, patience 10.
 * ``digits_mobilenet_v2``: the digits with the small ``mobilenet_v2``
   (train/mobilenet.py); its pointwise (1x1) convs are quantized.
-* ``digits_vit``: the digits with the small ``vit`` (train/vit.py).
+* ``digits_vit``: the digits with the small ``vit`` (train/vit.py); its FP
+  teacher trains 2,000 steps.
 
 Launch (any variant):
   python -m train.main --config configs/w2a2.py:cifar10 --workdir runs/c10_w2a2
@@ -187,5 +188,9 @@ def get_config(
     c.quant.quantize_1x1 = True
   elif preset == "digits_vit":
     c.model.name = "vit"
+    # Tuned on the validation split: the ViT learns more slowly than the
+    # CNNs (95.5 % after 2,000 steps, 94.4 % after 1,000; lr 1e-3: 86.4 %,
+    # 1e-2: 93.9 % at 1,000).
+    c.teacher.num_steps = 2000
   c.lock()
   return c

@@ -18,8 +18,8 @@ from train import train_lib
 from train import vit
 
 # ViT for digits, 10 classes, counted by hand (hidden 64, MLP 128).
-#   patch embedding 4*4*1*64 + 64                            =  1,088
-#   position embedding 49 tokens * 64                        =  3,136
+#   patch embedding 7*7*1*64 + 64                            =  3,200
+#   position embedding 16 tokens * 64                        =  1,024
 #   per block: 2 LayerNorms 2*128; query/key/value 3*(64*64 + 64);
 #     out 64*64 + 64; MLP 64*128+128 + 128*64+64
 #     = 256 + 12,480 + 4,160 + 8,320 + 8,256                 = 33,472
@@ -58,15 +58,15 @@ class LayoutTest(parameterized.TestCase):
     # A cls token adds one token's embedding and its position: 2 * 64.
     cls = _abstract(vit.ViT(pool="cls"))["params"]
     self.assertEqual(_count(cls), PARAMS + 128)
-    self.assertEqual(cls["position_embedding"].shape, (1, 50, 64))
+    self.assertEqual(cls["position_embedding"].shape, (1, 17, 64))
 
   def test_module_names_and_kernel_shapes(self):
     params = _abstract(vit.ViT())["params"]
     self.assertSameElements(
         params, ["patch_embedding", "position_embedding", "encoder_block1",
                  "encoder_block2", "encoder_norm", "classifier"])
-    self.assertEqual(params["patch_embedding"]["kernel"].shape, (4, 4, 1, 64))
-    self.assertEqual(params["position_embedding"].shape, (1, 49, 64))
+    self.assertEqual(params["patch_embedding"]["kernel"].shape, (7, 7, 1, 64))
+    self.assertEqual(params["position_embedding"].shape, (1, 16, 64))
     for block in ("encoder_block1", "encoder_block2"):
       p = params[block]
       self.assertSetEqual(set(p), {"attention_norm", "attention", "mlp_norm",
@@ -97,9 +97,9 @@ class LayoutTest(parameterized.TestCase):
   def test_init_statistics(self):
     params = jax.jit(vit.ViT().init)(INIT_KEY, jnp.zeros((1, 28, 28, 1)))[
         "params"]
-    # He normal, fan_out 4*4*64 = 1024: std 0.044 from 1024 draws.
+    # LeCun normal (truncated), fan_in 7*7 = 49: std 1/7 from 3136 draws.
     self.assertAlmostEqual(float(jnp.std(params["patch_embedding"]["kernel"])),
-                           np.sqrt(2 / 1024), delta=0.005)
+                           1 / 7, delta=0.01)
     self.assertAlmostEqual(float(jnp.std(params["position_embedding"])),
                            0.02, delta=0.002)
     # Xavier uniform: |w| <= sqrt(6 / (fan_in + fan_out)).

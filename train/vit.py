@@ -15,12 +15,13 @@ paths, so the module names are API:
 * ``encoder_norm`` -- the final LayerNorm; ``classifier`` -- the final
   ``nn.Dense``.
 
-Conventions shared with :mod:`train.models`: He/Kaiming-normal ``fan_out``
-init of the patch conv, PyTorch's ``nn.Linear`` init of the classifier,
-float32 params, ``dtype`` the computation dtype, float32 logits, a ``train``
-argument. Inside the encoder the ViT's own: Xavier-uniform kernels, MLP
-biases ``N(0, 1e-6)``, LayerNorm epsilon 1e-6, position embedding
-``N(0, 0.02)``. There is no dropout and no BatchNorm, so ``train`` changes
+Conventions shared with :mod:`train.models`: PyTorch's ``nn.Linear`` init
+of the classifier, float32 params, ``dtype`` the computation dtype, float32
+logits, a ``train`` argument. Elsewhere the ViT's own: LeCun-normal patch
+conv (the CNNs' He ``fan_out`` init made the tokens about 5x smaller than
+the residual branches' outputs and cost 1.1 pp of validation accuracy on
+the digits), Xavier-uniform encoder kernels, MLP biases ``N(0, 1e-6)``,
+LayerNorm epsilon 1e-6, position embedding ``N(0, 0.02)``. There is no dropout and no BatchNorm, so ``train`` changes
 nothing and the model has no ``batch_stats``.
 """
 
@@ -77,7 +78,7 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
   """ViT: patch embedding, position embedding, pre-LN encoder, pool, dense.
 
-  The defaults are sized for 28x28x1 digits: 4x4 patches (49 tokens),
+  The defaults are sized for 28x28x1 digits: 7x7 patches (16 tokens),
   hidden size 64, 2 blocks of 4 heads, MLP width 128, mean pooling (71,946
   parameters for 10 classes).
 
@@ -95,7 +96,7 @@ class ViT(nn.Module):
   """
 
   num_classes: int = 10
-  patch_size: int = 4
+  patch_size: int = 7
   hidden_size: int = 64
   num_layers: int = 2
   num_heads: int = 4
@@ -143,7 +144,7 @@ class ViT(nn.Module):
     self._check_config(x.shape)
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, kernel_init=models.conv_kernel_init,
+                dtype=self.dtype, kernel_init=nn.initializers.lecun_normal(),
                 conv_general_dilated=self.conv_general_dilated,
                 name="patch_embedding")(x)
     n, h, w, c = x.shape
