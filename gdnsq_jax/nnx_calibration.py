@@ -24,6 +24,7 @@ calibration drops mutable updates.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 from flax import nnx
@@ -85,17 +86,23 @@ def _recording(model: nnx.Module) -> Iterator[dict]:
     nnx.update(model, saved)
 
 
+@functools.partial(nnx.jit, static_argnums=(2, 3))
+def _forward(model, batch, call_kwargs, observe):
+  with quantized_ops.observing() if observe else contextlib.nullcontext():
+    model(batch, **dict(call_kwargs))
+
+
 def _run(model: nnx.Module, batches: Iterable[Any],
-         call_kwargs: Mapping[str, Any]) -> None:
-  """Calls ``model`` on every batch, jitted (one trace per shape)."""
+         call_kwargs: Mapping[str, Any], observe: bool = False) -> None:
+  """Calls ``model`` on every batch, jitted (one trace per shape and mode).
 
-  @nnx.jit
-  def forward(model, batch):
-    model(batch, **call_kwargs)
-
+  ``observe``: with every quantizer off (the FP network's activations); a
+  static argument, so the observation trace is never reused for a
+  quantized pass.
+  """
   ran = False
   for batch in batches:
-    forward(model, batch)
+    _forward(model, batch, tuple(sorted(call_kwargs.items())), observe)
     ran = True
   if not ran:
     raise ValueError("no batches given; pass at least one input batch")
@@ -129,8 +136,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *,
   family = settings.family
   weight_bits, activation_bits = family.calibration_widths(settings, bits)
   with _recording(model) as quantizers:
-    with quantized_ops.observing():  # the FP network's activations
-      _run(model, batches, dict(call_kwargs or {}))
+    _run(model, batches, dict(call_kwargs or {}), observe=True)
     stats = {path: jax.device_get(q.statistics())
              for path, q in quantizers.items()}
   unobserved = sorted(p for p, s in stats.items() if s["input_count"] == 0)
