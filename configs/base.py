@@ -85,6 +85,7 @@ def get_config(
   c.model.dtype = "float32"  # Compute dtype (bfloat16 allowed; numerics stay f32).
   c.model.stage_widths = ()  # Channels per stage; () = the model's default.
   c.model.stem_width = 0  # Stem channels; 0 = the model's default.
+  c.model.patch_size = 0  # ViT patch side; 0 = the model's default.
 
   c.quant = ml_collections.ConfigDict()
   c.quant.weight_bits = weight_bits  # Target weight bits (W).

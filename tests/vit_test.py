@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -14,6 +15,7 @@ import numpy as np
 
 from configs import base
 from gdnsq_jax import interception
+from tests import tiny_setup
 from train import train_lib
 from train import vit
 
@@ -198,6 +200,26 @@ class ProgramTest(absltest.TestCase):
       self.assertContainsSubset({f"{block}/mlp_dense1", f"{block}/mlp_dense2"},
                                 paths)
     self.assertNoCommonElements({"patch_embedding", "classifier"}, paths)
+
+  def test_teacher_restores_and_quantizes(self):
+    # The program end to end on tiny data: a teacher without batch_stats is
+    # saved, restored from config.teacher.checkpoint, and fine-tuned.
+    tmp = self.create_tempdir().full_path
+    config = tiny_setup.tiny_config(tmp, weight_bits=4, activation_bits=4,
+                                    num_steps=2)
+    config.model.name = "vit"
+    config.model.stage_widths, config.model.stem_width = (), 0
+    config.model.patch_size = 4  # the 12x12 images
+    config.teacher.num_steps = 4
+    config.mode = "fp"
+    fp = train_lib.train_and_evaluate(config, os.path.join(tmp, "fp"))
+    config.mode = "quantize"
+    config.teacher.checkpoint = os.path.join(tmp, "fp", "teacher",
+                                             "variables")
+    results = train_lib.train_and_evaluate(config, os.path.join(tmp, "q"))
+    self.assertEqual(results["fp_test_accuracy"], fp["fp_test_accuracy"])
+    self.assertEqual(results["steps"], 2)
+    self.assertIn("encoder_block1/mlp_dense1", results["quantized_layers"])
 
   def test_resnet_keys_are_refused(self):
     config = base.get_config("digits_vit")

@@ -95,8 +95,12 @@ def train_fp(
   logging.info("FP teacher: %d steps in %.1f s", num_steps,
                time.time() - start)
   state = loop_state.train
-  return jax.device_get(
-      {"params": state.params, "batch_stats": state.batch_stats})
+  variables = {"params": state.params}
+  # A model without BatchNorm (the ViT) has no batch_stats: saving an empty
+  # one would not restore into the tree of its model.init.
+  if jax.tree_util.tree_leaves(state.batch_stats):
+    variables["batch_stats"] = state.batch_stats
+  return jax.device_get(variables)
 
 
 def load_or_train_teacher(

@@ -98,7 +98,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
   Raises:
     ValueError: an unknown ``model.name``, or a ``model`` key set that the
-      model does not have (``stage_widths`` / ``stem_width`` for the ViT).
+      model does not have (``stage_widths`` / ``stem_width`` for the ViT,
+      ``patch_size`` for the CNNs).
   """
   name = config.model.name
   if name not in MODELS:
@@ -109,6 +110,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     kwargs["stage_widths"] = tuple(config.model.stage_widths)
   if config.model.stem_width:
     kwargs["stem_width"] = config.model.stem_width
+  if config.model.patch_size:
+    kwargs["patch_size"] = config.model.patch_size
   fields = {f.name for f in dataclasses.fields(MODELS[name])}
   unknown = sorted(k for k in kwargs if k not in fields)
   if unknown:
