@@ -27,7 +27,7 @@ class PairedRatioTest(absltest.TestCase):
     self.assertEqual(speed._distill_kind("w2a2-tbf16"), "fp-distill-tbf16")  # pylint: disable=protected-access
     for name, (kind, conv) in speed.CONFIGS.items():
       self.assertIn(conv, speed.CONVS, name)
-      self.assertIn(kind, {"fp", **speed.DISTILL_KINDS, **speed.QUANT_KINDS},
+      self.assertIn(kind, {"fp", *speed.DISTILL_KINDS, *speed.QUANT_KINDS},
                     name)
 
 
