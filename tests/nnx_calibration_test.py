@@ -50,8 +50,10 @@ class CalibrationTest(parameterized.TestCase):
         jnp.abs(reference))
     self.assertLess(float(error), 1e-3)
     report = nnx_quantize.quantization_report(model)
-    traced = {l.path for l in report}
-    self.assertEqual(len(traced), len(report))
+    weight_ops = {"/".join(map(str, p)) for p, m in nnx.iter_modules(model)
+                  if isinstance(getattr(m, "kernel", None), nnx.Param)}
+    self.assertEqual({r.path for r in report}, weight_ops)  # every one
+    self.assertLen(report, len(weight_ops))
     self.assertTrue(any(r.quantized for r in report))
 
   def test_ten_bits_by_default_and_observed_ranges(self):
