@@ -249,7 +249,7 @@ _ANY_MODELS = (
     ("vit", layer_setup.TinyViT, (4, 8, 8, 1)),
     ("mobilenet", layer_setup.TinyMobileNet, (4, 8, 8, 3)),
     ("zoo_vit", lambda: vit.ViT(hidden_size=16, num_layers=1, num_heads=2,
-                                mlp_dim=32), (4, 8, 8, 1)),
+                                mlp_dim=32, patch_size=4), (4, 8, 8, 1)),
     ("zoo_mobilenet_v2", lambda: mobilenet.MobileNetV2(
         stage_widths=(8, 12), blocks_per_stage=(1, 2), stage_strides=(1, 2),
         expansions=(1, 4), stem_width=8, head_width=16), (4, 8, 8, 1)),
