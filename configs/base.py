@@ -96,6 +96,9 @@ def get_config(
   c.quant.dither = "uniform12"  # uniform12|half|pure (docs/method.md D1, D2).
   c.quant.per_channel = True  # Per-output-channel weight steps.
   c.quant.learnable_clamp_low = True  # Learnable clamp b (docs/method.md D3).
+  # The reference's rule: an activation quantizer whose calibration input
+  # has minimum >= 0 is unsigned (clamp_low frozen at 0; docs/method.md §6).
+  c.quant.unsigned_if_nonnegative = False
   c.quant.quantize_stem = False  # Quantize the first conv (docs/method.md D6).
   c.quant.quantize_classifier = False  # Quantize the last dense (reference: no).
   c.quant.quantize_1x1 = False  # Quantize 1x1 convs (reference: no).

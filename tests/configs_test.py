@@ -8,6 +8,7 @@ from absl.testing import parameterized
 from configs import base
 from configs import w1a1
 from configs import w2a2
+from train import train_lib
 
 _STEPS_PER_EPOCH = 45_000 // 1000  # CIFAR: 45k train images, batch 1000
 
@@ -31,6 +32,22 @@ class PresetTest(parameterized.TestCase):
       self.assertEqual(config.preset, preset)
       with self.assertRaises(AttributeError):
         config.train.num_stpes = 1
+
+
+class QuantSettingsTest(absltest.TestCase):
+
+  def test_quant_keys_reach_the_settings(self):
+    config = w2a2.get_config()
+    self.assertFalse(train_lib.quant_settings(config).unsigned_if_nonnegative)
+    with config.unlocked():
+      config.quant.unsigned_if_nonnegative = True
+      config.quant.learnable_clamp_low = False
+      config.quant.dither = "half"
+    settings = train_lib.quant_settings(config)
+    self.assertTrue(settings.unsigned_if_nonnegative)
+    self.assertFalse(settings.learnable_clamp_low)
+    self.assertEqual((settings.dither, settings.weight_bits,
+                      settings.activation_bits), ("half", 2, 2))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def quant_settings(config: ml_collections.ConfigDict) -> layers.QuantSettings:
       weight_bits=q.weight_bits, activation_bits=q.activation_bits,
       estimator=q.estimator, activation_estimator=q.activation_estimator,
       per_channel=q.per_channel, dither=q.dither,
-      learnable_clamp_low=q.learnable_clamp_low, method=q.method,
+      learnable_clamp_low=q.learnable_clamp_low,
+      unsigned_if_nonnegative=q.unsigned_if_nonnegative, method=q.method,
       # One-shot and fixed-width (LSQ) families start at the target widths.
       calibration_bits=(q.calibration_bits
                         if q.gradual and families.get_family(q.method)
