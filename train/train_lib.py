@@ -4,6 +4,8 @@
 only parses flags. Layout of ``workdir``::
 
   teacher/variables/   FP teacher (trained here unless config.teacher.checkpoint)
+  teacher_state/<step>/  its train states while it trains (resume points;
+                       deleted once teacher/variables is saved)
   checkpoints/<step>/  latest full train states (resume points)
   best/<step>/         best converged state by validation accuracy
   tensorboard/         scalars
@@ -219,10 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, Any]:
   """Runs the configured job in ``workdir``; returns the results dict.
 
-  On SIGTERM (:mod:`train.preemption`) the current step finishes, GDNSQ
-  saves its checkpoint, and the results are ``{'preempted': True,
-  'preempted_step', 'checkpoint'}`` (no ``results.json``): the program
-  exits with status 0 and rerunning it resumes.
+  On SIGTERM (:mod:`train.preemption`) the current step finishes, the FP
+  teacher's training or GDNSQ saves its checkpoint, and the results are
+  ``{'preempted': True, 'preempted_step', 'checkpoint'}`` (no
+  ``results.json``): the program exits with status 0 and rerunning it
+  resumes.
   """
   start_time = time.time()
   validate_config(config)
