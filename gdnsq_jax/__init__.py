@@ -11,6 +11,7 @@ The top level holds what a user needs to quantize, calibrate, train and
 export a model; everything else lives in the namespaces below (as optax and
 qwix do): :mod:`~gdnsq_jax.quantizers` and
 :mod:`~gdnsq_jax.activation_quantizer` (the custom_vjp numerics),
+:mod:`~gdnsq_jax.dither` (their hashed step-size dither),
 :mod:`~gdnsq_jax.bitwidths`, :mod:`~gdnsq_jax.penalty`,
 :mod:`~gdnsq_jax.learning_rate`, :mod:`~gdnsq_jax.losses`,
 :mod:`~gdnsq_jax.settings` (``QuantSettings``),

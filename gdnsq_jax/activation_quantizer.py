@@ -24,12 +24,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from gdnsq_jax.quantizers import dither_values
+from gdnsq_jax.dither import dither_values
+from gdnsq_jax.dither import validate_dither
 from gdnsq_jax.quantizers import global_index_offset
 from gdnsq_jax.quantizers import rounding_error
 from gdnsq_jax.quantizers import rounding_noise
 from gdnsq_jax.quantizers import sum_to_primal_axes
-from gdnsq_jax.quantizers import validate_dither
 from gdnsq_jax.quantizers import validate_estimator
 
 __all__ = ["quantize_activation"]
@@ -177,7 +177,7 @@ def quantize_activation(
     clamp_low: scalar lower clamp and zero point ``b``.
     key: PRNG key for the step-size dither (None: no dither).
     estimator: backward rule (``ste`` for activations, docs/method.md D4).
-    dither: one of :data:`DITHERS`.
+    dither: one of :data:`gdnsq_jax.dither.DITHERS`.
     axis_name: named data-parallel axis for AEWGS statistics.
     enabled: False returns ``x`` unchanged (A >= 32; docs/method.md D12).
 

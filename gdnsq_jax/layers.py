@@ -51,13 +51,13 @@ import jax.numpy as jnp
 
 from gdnsq_jax import layer_kinds
 from gdnsq_jax import quantized_ops
+from gdnsq_jax.dither import dither_key
+from gdnsq_jax.dither import quantizer_id
 from gdnsq_jax.quantized_ops import STAT_REDUCERS
 from gdnsq_jax.quantizer_params import ACTIVATION_INIT
 from gdnsq_jax.quantizer_params import ACTIVATION_KEYS
 from gdnsq_jax.quantizer_params import INPUT_QUANTIZER
 from gdnsq_jax.quantizer_params import WEIGHT_LOG2_STEP_INIT
-from gdnsq_jax.quantizers import dither_key
-from gdnsq_jax.quantizers import quantizer_id
 from gdnsq_jax.settings import METHODS
 from gdnsq_jax.settings import QuantSettings
 
@@ -90,9 +90,9 @@ def _noise_key(module: nn.Module) -> Optional[jax.Array]:
 
   What ``module.make_rng`` would fold in (the module path and a call
   count) is hashed at trace time into a static id
-  (:func:`gdnsq_jax.quantizers.quantizer_id`, shared with the NNX layers),
+  (:func:`gdnsq_jax.dither.quantizer_id`, shared with the NNX layers),
   and the caller's key
-  (one per step) is xor-ed with it (:func:`gdnsq_jax.quantizers.dither_key`):
+  (one per step) is xor-ed with it (:func:`gdnsq_jax.dither.dither_key`):
   no PRNG fold-in per quantizer; the backward hashes the element indices.
   """
   if not module.has_rng(NOISE_RNG):

@@ -48,7 +48,7 @@ Dither (docs/method.md §4.1, D16): the quantized root model holds
 :data:`NOISE_STREAM`). Each call of the model in training mode draws *one*
 key from it (``fold_in(key, count)``, then ``count += 1``), shared by all its
 quantizers, which tell their dithers apart by a static id of their path and
-call count (:func:`gdnsq_jax.quantizers.quantizer_id`, as the Linen layers:
+call count (:func:`gdnsq_jax.dither.quantizer_id`, as the Linen layers:
 the same paths and step key give the same dither in both APIs). After
 ``model.eval()`` (``deterministic=True``) nothing is drawn: the forward
 rounds deterministically and needs no key. A layer called outside the model
@@ -70,10 +70,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from gdnsq_jax import dither
 from gdnsq_jax import interception
 from gdnsq_jax import nnx_tracing
 from gdnsq_jax import quantized_ops
-from gdnsq_jax import quantizers
 from gdnsq_jax.interception import LayerInfo
 from gdnsq_jax.interception import QuantizationRules
 from gdnsq_jax.nnx_quantizers import ActivationQuantizer
@@ -163,14 +163,14 @@ class _ModelCall:
 
     ``dither_key(step key, quantizer_id(path names, n))`` for its n-th call
     in this model call: the Linen layers' derivation
-    (:func:`gdnsq_jax.quantizers.quantizer_id`).
+    (:func:`gdnsq_jax.dither.quantizer_id`).
     """
     if self.key is None:
       return None
     self.calls[path] = self.calls.get(path, 0) + 1
     names = tuple(path.split("/"))
-    return quantizers.dither_key(
-        self.key, quantizers.quantizer_id(names, self.calls[path]))
+    return dither.dither_key(
+        self.key, dither.quantizer_id(names, self.calls[path]))
 
 
 def _dither_key(path: str) -> Optional[jax.Array]:

@@ -10,7 +10,9 @@ is customised by :func:`rounding_noise`:
 
 * the input sees a straight-through gradient (or the EWGS / AEWGS
   correction), and
-* the step size sees a random dither ``rho`` (``+-1/(2 sqrt 3)`` by default).
+* the step size sees a random dither ``rho`` (``+-1/(2 sqrt 3)`` by default),
+  hashed from the step key, the quantizer and the element index
+  (:mod:`gdnsq_jax.dither`).
 
 The quantizers are written as ``c + s * N(v, s)``, which equals
 ``(v + N) * s + z`` algebraically, so ordinary autodiff produces the
@@ -35,41 +37,26 @@ across a data-parallel axis).
 from __future__ import annotations
 
 import functools
-import hashlib
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
+from gdnsq_jax.dither import dither_values
+from gdnsq_jax.dither import validate_dither
+
 __all__ = [
-    "DITHERS",
     "ESTIMATORS",
     "RENAMED_ESTIMATORS",
-    "dither_key",
-    "dither_values",
     "quantize_weight",
-    "quantizer_id",
     "rounding_noise",
-    "validate_dither",
     "validate_estimator",
     "weight_channel_range",
 ]
 
 ESTIMATORS = ("aewgs", "ewgs", "rounding_error", "ste")
 """Backward rules of the rounding noise (docs/method.md §4.1)."""
-
-DITHERS = ("uniform12", "half", "pure")
-"""Step-size dither options.
-
-* ``uniform12``: rho = +-1/(2 sqrt 3), variance 1/12 (the default;
-  docs/method.md D2);
-* ``half``: rho = +-1/2, variance 1/4 (the reference's tagged GDNSQ release);
-* ``pure``: the total step gradient is the pure dither ``sum G * rho``
-  (rho = +-1/(2 sqrt 3)) without the product-rule ``sum G * n`` term
-  (the ablation of docs/method.md D1).
-"""
 
 EWGS_DELTA = 0.01
 """EWGS scaling factor delta (docs/method.md D13)."""
@@ -78,13 +65,6 @@ AEWGS_VARIANCE_FLOOR = 1e-3
 AEWGS_MAX_PHI = 0.99  # the input-gradient multiplier 1 - phi stays >= 0.01
 
 _FLOAT32_INTEGER_LIMIT = 2.0**23  # every float32 of this size is an integer
-
-_DITHER_AMPLITUDE = {
-    "uniform12": 0.5 / math.sqrt(3.0),
-    "half": 0.5,
-    "pure": 0.5 / math.sqrt(3.0),
-}
-
 
 RENAMED_ESTIMATORS = {"lsq": "rounding_error"}
 """Old estimator spellings: ``lsq`` read as the LSQ baseline, which it is not."""
@@ -105,15 +85,6 @@ def validate_estimator(estimator: str) -> str:
         f"{', '.join(ESTIMATORS)}"
     )
   return estimator
-
-
-def validate_dither(dither: str) -> str:
-  """Returns ``dither`` or raises a ValueError listing the valid names."""
-  if dither not in DITHERS:
-    raise ValueError(
-        f"unknown dither {dither!r}; choose one of: {', '.join(DITHERS)}"
-    )
-  return dither
 
 
 def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -160,57 +131,6 @@ def _broadcast_axes(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   )
 
 
-# Multipliers of C. Wellons' "lowbias32" integer hash (hash-prospector,
-# 2018): x ^= x >> 16; x *= M0; x ^= x >> 15; x *= M1; x ^= x >> 16.
-_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
-
-
-def _mix32(x, final_shift: bool = True):
-  """lowbias32 on uint32 arrays, or on Python ints (at trace time).
-
-  ``final_shift=False`` skips the last ``x ^= x >> 16``, which leaves the
-  top bit (the only one the dither reads) unchanged.
-  """
-  m0, m1 = _MIX_MULTIPLIERS
-  if isinstance(x, int):
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * m0) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * m1) & 0xFFFFFFFF
-    return x ^ (x >> 16) if final_shift else x
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(m0)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(m1)
-  return x ^ (x >> 16) if final_shift else x
-
-
-def _key_words(key) -> tuple[jax.Array, jax.Array]:
-  """Two uint32 words of a PRNG key (typed, or raw key data of any size)."""
-  key = jnp.asarray(key)
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  words = key.astype(jnp.uint32).reshape(-1)
-  second = words[1] if words.size > 1 else jnp.uint32(0x6A09E667)
-  for extra in range(2, words.size):  # e.g. the 4 words of an 'rbg' key
-    second = _mix32(second ^ words[extra])
-  return words[0], second
-
-
-def _element_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major linear index of every element, uint32 (modulo 2**32).
-
-  Built from one iota per axis, so a partitioned (``jit`` with shardings)
-  array gets the global index on every device.
-  """
-  index = jnp.zeros(shape, jnp.uint32)
-  for axis, size in enumerate(shape):
-    index = index * jnp.uint32(size) + lax.broadcasted_iota(
-        jnp.uint32, shape, axis)
-  return index
-
-
 def global_index_offset(x: jax.Array):
   """Offset of this device's block of ``x`` under ``shard_map``, else 0.
 
@@ -225,85 +145,6 @@ def global_index_offset(x: jax.Array):
     return 0
   device = lax.axis_index(tuple(sorted(axes)))
   return device.astype(jnp.uint32) * jnp.uint32(x.size % 2**32)
-
-
-def quantizer_id(names: Sequence[str], call: int = 1) -> int:
-  """The static dither id of a quantizer: its module path and call count.
-
-  What Flax's ``make_rng`` folds in (the module path names and the how-many-th
-  draw in that scope), hashed at trace time: the Linen layers
-  (:mod:`gdnsq_jax.layers`) and the NNX layers (:mod:`gdnsq_jax.nnx_quantize`)
-  derive it alike, so a model written in either API, with the same paths and
-  step key, draws the same dither.
-
-  Args:
-    names: the quantizer's module path, e.g. ``('body', 'input_quantizer')``.
-    call: its 1-based call count within one model call.
-
-  Returns:
-    An int below ``2**64`` for :func:`dither_key`.
-  """
-  digest = hashlib.sha1(repr(tuple(names) + (call,)).encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "little")
-
-
-def dither_key(key: jax.Array, quantizer_id: int) -> jax.Array:
-  """The dither key of one quantizer: ``key``'s words xor a hash of its id.
-
-  ``quantizer_id`` is a static int (< 2**64), e.g. a hash of the module path
-  (:mod:`gdnsq_jax.layers`), so the derivation is two xors with constants,
-  fused into the quantizer's backward: no PRNG fold-in per quantizer.
-
-  Args:
-    key: the step's PRNG key (typed or raw uint32 key data).
-    quantizer_id: static int telling apart quantizers that share ``key``.
-
-  Returns:
-    Raw key data, uint32 of shape (2,), for :func:`dither_values`.
-  """
-  low, high = quantizer_id & 0xFFFFFFFF, (quantizer_id >> 32) & 0xFFFFFFFF
-  return jnp.stack(_key_words(key)) ^ jnp.array(
-      [_mix32(low ^ 0x9E3779B9), _mix32(_mix32(high) ^ low)], jnp.uint32)
-
-
-def dither_values(
-    key: jax.Array,
-    shape: tuple[int, ...],
-    dither: str,
-    index_offset=0,
-) -> jax.Array:
-  """The step-size dither ``rho``: ``+-amplitude`` per element, float32.
-
-  Counter-based: element ``i`` (row-major) gets the top bit of
-  ``mix(mix(i ^ s0) ^ s1)``, with ``mix`` the lowbias32 integer hash and
-  ``(s0, s1)`` the key's two words mixed together (scalar work, once per
-  call: keys a few bits apart give unrelated seeds). Elementwise, so XLA
-  fuses it into the backward pass that uses it: no random-bit kernels, about
-  20 integer operations per element. Each element is
-  ``+amplitude`` or ``-amplitude`` with probability 1/2, independently
-  across elements, quantizers (:func:`dither_key`) and steps
-  (tests/dither_test.py checks mean, variance and correlations); the same
-  key gives the same dither (resume).
-
-  Args:
-    key: PRNG key (typed or raw uint32 key data, e.g. from
-      :func:`dither_key`).
-    shape: shape of the dithered array.
-    dither: one of :data:`DITHERS` (sets the amplitude).
-    index_offset: added to the element index (uint32 scalar; see
-      :func:`global_index_offset`).
-
-  Returns:
-    ``rho`` of shape ``shape``.
-  """
-  amplitude = jnp.float32(_DITHER_AMPLITUDE[dither])
-  word0, word1 = _key_words(key)
-  seed0 = _mix32(word0 ^ _mix32(word1 ^ jnp.uint32(0x6A09E667)))
-  seed1 = _mix32(word1 ^ _mix32(seed0 ^ jnp.uint32(0xBB67AE85)))
-  index = _element_index(tuple(shape)) + jnp.asarray(index_offset,
-                                                     jnp.uint32)
-  hashed = _mix32(_mix32(index ^ seed0) ^ seed1, final_shift=False)
-  return jnp.where(hashed >= jnp.uint32(1 << 31), amplitude, -amplitude)
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +186,7 @@ def rounding_noise(
 
     - ``ste``, ``ewgs``, ``aewgs``: ``g * rho`` with ``rho`` a Rademacher
       dither of amplitude 1/(2 sqrt 3) hashed from ``key`` and the element
-      index (:func:`dither_values`; ``dither='half'``:
+      index (:func:`gdnsq_jax.dither.dither_values`; ``dither='half'``:
       amplitude 1/2; ``dither='pure'``: ``g * (rho - e) / s``, which turns the
       total step gradient of a quantizer into ``sum G rho``);
     - ``rounding_error``: ``g * e`` (the reference's variant it calls
@@ -364,7 +205,7 @@ def rounding_noise(
     step: the step size ``s``, broadcastable to ``v``.
     key: a PRNG key for the dither (typed or raw), or None.
     estimator: one of :data:`ESTIMATORS`.
-    dither: one of :data:`DITHERS`.
+    dither: one of :data:`gdnsq_jax.dither.DITHERS`.
     axis_name: optional named axis over which AEWGS statistics are averaged.
 
   Returns:
@@ -476,7 +317,7 @@ def quantize_weight(
     log2_step: ``(out,)`` when ``per_channel`` else a scalar.
     key: PRNG key for the step-size dither (None: no dither).
     estimator: backward rule, one of :data:`ESTIMATORS`.
-    dither: one of :data:`DITHERS`.
+    dither: one of :data:`gdnsq_jax.dither.DITHERS`.
     per_channel: per-output-channel (default) or per-tensor step and zero.
     axis_name: named data-parallel axis for AEWGS statistics.
 

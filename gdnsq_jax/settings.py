@@ -14,7 +14,7 @@ from typing import Optional
 
 from gdnsq_jax import families
 from gdnsq_jax.bitwidths import FLOAT_BITS
-from gdnsq_jax.quantizers import validate_dither
+from gdnsq_jax.dither import validate_dither
 from gdnsq_jax.quantizers import validate_estimator
 
 __all__ = ["METHODS", "QuantSettings"]
@@ -36,7 +36,7 @@ class QuantSettings:
       :data:`gdnsq_jax.quantizers.ESTIMATORS` (docs/method.md D4).
     activation_estimator: the activations' rule, ``ste`` (docs/method.md D4).
     per_channel: one weight step per output channel (True) or per tensor.
-    dither: step-size dither, one of :data:`gdnsq_jax.quantizers.DITHERS`.
+    dither: step-size dither, one of :data:`gdnsq_jax.dither.DITHERS`.
     learnable_clamp_low: train the lower clamp b (docs/method.md D3);
       False freezes it at 0 (the reference's tagged release).
     enabled: False makes every quantizer the identity while keeping its params

@@ -3,7 +3,7 @@
 GDNSQ's step gradient takes a Rademacher dither ``rho = +-1/(2 sqrt 3)``
 (docs/method.md §4.1, D2; ``dither='half'``: ``+-1/2``). It is hashed from
 (step key, quantizer id, element index) inside the quantizers' backward
-(:func:`gdnsq_jax.quantizers.dither_values`). These tests read ``rho``
+(:func:`gdnsq_jax.dither.dither_values`). These tests read ``rho``
 element by element from the backward of the rounding noise with a step of
 the input's shape and upstream gradient 1 (then ``dL/ds_i = rho_i``), and
 check it statistically: values, mean, variance and the correlation between
@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import activation_quantizer
+from gdnsq_jax import dither as dither_lib
 from gdnsq_jax import layers
 from gdnsq_jax import quantizers
+from tests import quantizer_reference as ref
 
 AMPLITUDE = 0.5 / math.sqrt(3.0)
 SHAPE = (16, 32, 32, 16)  # an activation of 262,144 elements
@@ -57,7 +59,7 @@ class DistributionTest(parameterized.TestCase):
 
   @parameterized.parameters(("uniform12", AMPLITUDE), ("half", 0.5))
   def test_values_mean_and_variance(self, dither, amplitude):
-    rho = _rho(quantizers.dither_key(_step_key(3), 17), dither=dither)
+    rho = _rho(dither_lib.dither_key(_step_key(3), 17), dither=dither)
     np.testing.assert_array_equal(np.unique(rho),
                                   np.float32([-amplitude, amplitude]))
     n = rho.size
@@ -70,7 +72,7 @@ class DistributionTest(parameterized.TestCase):
       self.assertAlmostEqual(variance, 1 / 12, delta=1e-3)
 
   def test_neighbouring_elements_are_uncorrelated(self):
-    rho = _rho(quantizers.dither_key(_step_key(1), 5))
+    rho = _rho(dither_lib.dither_key(_step_key(1), 5))
     for axis in range(rho.ndim):  # next element along every axis
       first = np.take(rho, range(rho.shape[axis] - 1), axis=axis)
       second = np.take(rho, range(1, rho.shape[axis]), axis=axis)
@@ -85,13 +87,13 @@ class DistributionTest(parameterized.TestCase):
   def test_quantizers_are_uncorrelated(self):
     key = _step_key(7)
     ids = (0, 1, 2, 1 << 32, 0x1234_5678_9ABC_DEF0)
-    draws = [_rho(quantizers.dither_key(key, i)) for i in ids]
+    draws = [_rho(dither_lib.dither_key(key, i)) for i in ids]
     for i in range(len(ids)):
       for j in range(i):
         _assert_uncorrelated(self, draws[i], draws[j])
 
   def test_steps_are_uncorrelated(self):
-    draws = [_rho(quantizers.dither_key(_step_key(step), 11))
+    draws = [_rho(dither_lib.dither_key(_step_key(step), 11))
              for step in (0, 1, 2, 1000)]
     for i in range(len(draws)):
       for j in range(i):
@@ -111,9 +113,9 @@ class ReproducibilityTest(chex.TestCase):
     typed = jax.random.fold_in(jax.random.key(0), 4)
     raw = jax.random.key_data(typed)
     values = self.variant(functools.partial(
-        quantizers.dither_values, shape=(3, 5), dither="uniform12"))
+        dither_lib.dither_values, shape=(3, 5), dither="uniform12"))
     chex.assert_trees_all_equal(values(typed), values(raw), values(raw))
-    keyed = self.variant(quantizers.dither_key, static_argnums=1)
+    keyed = self.variant(dither_lib.dither_key, static_argnums=1)
     chex.assert_trees_all_equal(keyed(typed, 9), keyed(raw, 9))
     self.assertFalse(np.array_equal(values(keyed(raw, 9)),
                                     values(keyed(raw, 10))))
@@ -125,6 +127,59 @@ class ReproducibilityTest(chex.TestCase):
     chex.assert_trees_all_equal(_rho(key, (64, 8)), _rho(key, (64, 8)))
     np.testing.assert_array_equal(
         _rho(key, (64, 8)).ravel(), _rho(key, (512,)))
+
+
+def _step_cotangent(v, key, dither="uniform12", estimator="ste"):
+  """Per-element step term of rounding_noise for upstream gradient 1."""
+  step = jnp.ones_like(v)  # same shape as v: nothing is summed
+  _, vjp = jax.vjp(
+      lambda v, s: quantizers.rounding_noise(v, s, key, estimator, dither),
+      v, step)
+  return vjp(jnp.ones_like(v))[1]
+
+
+class StepTermTest(chex.TestCase):
+  """The step term of the rounding noise per element (docs/method.md §14)."""
+
+  @parameterized.parameters(("uniform12", AMPLITUDE), ("half", 0.5))
+  def test_per_element_values_mean_and_variance(self, dither, amplitude):
+    v = jax.random.uniform(jax.random.key(0), (64, 256), maxval=10.0)
+    keys = jax.random.split(jax.random.key(1), 8)
+    terms = np.asarray(jax.jit(jax.vmap(
+        lambda k: _step_cotangent(v, k, dither)))(keys), np.float64)
+    np.testing.assert_allclose(np.unique(np.abs(terms)), [amplitude],
+                               rtol=1e-6)
+    n = terms.size
+    self.assertLess(abs(terms.mean()), 5 * amplitude / math.sqrt(n))
+    self.assertAlmostEqual(terms.var(), amplitude**2, delta=0.01 * amplitude**2)
+    # Per key as well: every key has mean ~0.
+    per_key = terms.reshape(8, -1).mean(axis=1)
+    self.assertLess(np.abs(per_key).max(), 5 * amplitude / math.sqrt(n / 8))
+
+  def test_keys_change_signs_and_same_key_repeats(self):
+    v = jnp.linspace(0.0, 20.0, 4096)
+    a = np.sign(_step_cotangent(v, jax.random.key(0)))
+    b = np.sign(_step_cotangent(v, jax.random.key(1)))
+    np.testing.assert_array_equal(
+        a, np.sign(_step_cotangent(v, jax.random.key(0))))
+    self.assertBetween(np.mean(a != b), 0.45, 0.55)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(True, False)
+  def test_weight_step_gradient_sums_to_step_shape(self, per_channel):
+    kernel, upstream = ref.random_kernel(), ref.random_kernel(seed=5)
+    key = jax.random.key(7)
+    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0]) if per_channel else 0.5
+    grad = self.variant(jax.grad(functools.partial(
+        ref.weight_loss, per_channel=per_channel), argnums=1))(
+            kernel, jnp.asarray(log2_step), upstream, key)
+    self.assertEqual(grad.shape, np.shape(log2_step))
+    _, _, s, v = ref.weight_reference(kernel, log2_step, per_channel)
+    rho = np.asarray(_step_cotangent(jnp.asarray(v), key))  # same key
+    # dL/ds = sum over the channel (or tensor) of G (n + s rho); d s/dl = ln2 s.
+    terms = np.asarray(upstream) * (np.round(v) - v + s * rho) * s * ref.LN2
+    expected = terms.sum(axis=(0, 1, 2) if per_channel else None)
+    chex.assert_trees_all_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 class _TwoLayers(nn.Module):

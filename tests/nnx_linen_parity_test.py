@@ -15,11 +15,11 @@ import numpy as np
 
 from gdnsq_jax import bitwidths
 from gdnsq_jax import calibration
+from gdnsq_jax import dither
 from gdnsq_jax import interception
 from gdnsq_jax import nnx_calibration
 from gdnsq_jax import nnx_quantize
 from gdnsq_jax import penalty
-from gdnsq_jax import quantizers
 from gdnsq_jax.nnx_quantizers import linen_variables
 from gdnsq_jax.settings import QuantSettings
 from tests import nnx_setup
@@ -74,10 +74,10 @@ class LinenParityTest(chex.TestCase):
         bitwidths.summarize_bitwidths(self.linen_variables))
 
   def test_dither_ids_are_the_linen_ones(self):
-    self.assertEqual(quantizers.quantizer_id(("body", "input_quantizer")),
-                     quantizers.quantizer_id(("body", "input_quantizer"), 1))
-    self.assertNotEqual(quantizers.quantizer_id(("body",)),
-                        quantizers.quantizer_id(("body",), 2))
+    self.assertEqual(dither.quantizer_id(("body", "input_quantizer")),
+                     dither.quantizer_id(("body", "input_quantizer"), 1))
+    self.assertNotEqual(dither.quantizer_id(("body",)),
+                        dither.quantizer_id(("body",), 2))
 
   def test_gradients_and_one_optimizer_update(self):
     model = nnx.clone(self.model)

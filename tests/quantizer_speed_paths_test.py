@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import activation_quantizer
+from gdnsq_jax import dither as dither_lib
 from gdnsq_jax import quantizers
 
 LN2 = math.log(2.0)
@@ -74,7 +75,7 @@ class FusedBackwardTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(itertools.product(
-      ("ste", "rounding_error"), quantizers.DITHERS, (False, True)))
+      ("ste", "rounding_error"), dither_lib.DITHERS, (False, True)))
   def test_gradients_are_the_composition_autodiff(self, estimator, dither,
                                                   with_key):
     # 1000 elements: not a multiple of the 512-element summation block.

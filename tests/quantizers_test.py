@@ -2,7 +2,8 @@
 
 Every expected value is hand-derived in numpy float32 from docs/method.md
 (tests/quantizer_reference.py). The EWGS/AEWGS and shard_map backward tests
-are in quantizers_backward_test.py.
+are in quantizers_backward_test.py, the step-size dither's in
+dither_test.py.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdnsq_jax import activation_quantizer
+from gdnsq_jax import dither as dither_lib
 from gdnsq_jax import quantizers
 from tests import quantizer_reference as ref
-
-RHO = 0.5 / math.sqrt(3.0)  # default dither amplitude, variance 1/12
-
 
 class ForwardTest(chex.TestCase):
 
@@ -124,58 +123,6 @@ class WeightGradientTest(chex.TestCase):
     chex.assert_trees_all_close(grad, ref.LN2 * s * g_n * (1 + s), rtol=1e-5)
 
 
-def _step_cotangent(v, key, dither="uniform12", estimator="ste"):
-  """Per-element step term of rounding_noise for upstream gradient 1."""
-  step = jnp.ones_like(v)  # same shape as v: nothing is summed
-  _, vjp = jax.vjp(
-      lambda v, s: quantizers.rounding_noise(v, s, key, estimator, dither),
-      v, step)
-  return vjp(jnp.ones_like(v))[1]
-
-
-class DitherTest(chex.TestCase):
-
-  @parameterized.parameters(("uniform12", RHO), ("half", 0.5))
-  def test_per_element_values_mean_and_variance(self, dither, amplitude):
-    v = jax.random.uniform(jax.random.key(0), (64, 256), maxval=10.0)
-    keys = jax.random.split(jax.random.key(1), 8)
-    terms = np.asarray(jax.jit(jax.vmap(
-        lambda k: _step_cotangent(v, k, dither)))(keys), np.float64)
-    np.testing.assert_allclose(np.unique(np.abs(terms)), [amplitude],
-                               rtol=1e-6)
-    n = terms.size
-    self.assertLess(abs(terms.mean()), 5 * amplitude / math.sqrt(n))
-    self.assertAlmostEqual(terms.var(), amplitude**2, delta=0.01 * amplitude**2)
-    # Per key as well: every key has mean ~0.
-    per_key = terms.reshape(8, -1).mean(axis=1)
-    self.assertLess(np.abs(per_key).max(), 5 * amplitude / math.sqrt(n / 8))
-
-  def test_keys_change_signs_and_same_key_repeats(self):
-    v = jnp.linspace(0.0, 20.0, 4096)
-    a = np.sign(_step_cotangent(v, jax.random.key(0)))
-    b = np.sign(_step_cotangent(v, jax.random.key(1)))
-    np.testing.assert_array_equal(
-        a, np.sign(_step_cotangent(v, jax.random.key(0))))
-    self.assertBetween(np.mean(a != b), 0.45, 0.55)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(True, False)
-  def test_weight_step_gradient_sums_to_step_shape(self, per_channel):
-    kernel, upstream = ref.random_kernel(), ref.random_kernel(seed=5)
-    key = jax.random.key(7)
-    log2_step = jnp.array([-1.0, 0.5, -2.0, 1.0]) if per_channel else 0.5
-    grad = self.variant(jax.grad(functools.partial(
-        ref.weight_loss, per_channel=per_channel), argnums=1))(
-            kernel, jnp.asarray(log2_step), upstream, key)
-    self.assertEqual(grad.shape, np.shape(log2_step))
-    _, _, s, v = ref.weight_reference(kernel, log2_step, per_channel)
-    rho = np.asarray(_step_cotangent(jnp.asarray(v), key))  # same key
-    # dL/ds = sum over the channel (or tensor) of G (n + s rho); d s/dl = ln2 s.
-    terms = np.asarray(upstream) * (np.round(v) - v + s * rho) * s * ref.LN2
-    expected = terms.sum(axis=(0, 1, 2) if per_channel else None)
-    chex.assert_trees_all_close(grad, expected, rtol=1e-5, atol=1e-6)
-
-
 class StepGradientStatisticsTest(parameterized.TestCase):
   """Key averages (docs/method.md §4.3): dL/ds -> sum G n; pure: sum G rho."""
 
@@ -269,7 +216,7 @@ class EstimatorGridTest(parameterized.TestCase):
     @jax.jit
     def all_grads(key):
       grads = {}
-      for dither in quantizers.DITHERS:
+      for dither in dither_lib.DITHERS:
         kw = dict(estimator=estimator, dither=dither)
         grads[dither] = (
             jax.vmap(jax.grad(functools.partial(ref.weight_loss, **kw),
