@@ -34,7 +34,7 @@ import gdnsq_jax as gq
 from gdnsq_jax import nnx_calibration
 from gdnsq_jax import nnx_export
 from gdnsq_jax import nnx_quantize
-from gdnsq_jax.export import inference
+from gdnsq_jax.export import stablehlo
 from gdnsq_jax.export import verification
 from gdnsq_jax.nnx_quantizers import params_dict
 from train import input_pipeline
@@ -198,7 +198,7 @@ def run(*, fp_steps: int = 500, steps: int = 1000, eval_every: int = 50,
   check = verification.compare_logits(integer, fake)
   layer_error = max(max(float(e) for e in layers_fn(x).values())
                     for x in _batches(images))
-  served = inference.load_inference(inference.serialize_inference(
+  served = stablehlo.load_inference(stablehlo.serialize_inference(
       nnx_export.export_inference(qmodel, export)))
   stablehlo_error = float(np.max(np.abs(served(images[:EVAL_BATCH])
                                        - integer[:EVAL_BATCH])))

@@ -42,6 +42,7 @@ from gdnsq_jax import nnx_tracing
 from gdnsq_jax.bitwidths import FLOAT_BITS
 from gdnsq_jax.export import exporter
 from gdnsq_jax.export import inference
+from gdnsq_jax.export import stablehlo
 from gdnsq_jax.export.exporter import ExportError
 from gdnsq_jax.export.exporter import IntegerExport
 from gdnsq_jax.export.verification import relative_error
@@ -208,10 +209,10 @@ def export_inference(model: nnx.Module, export: IntegerExport, *,
                      ) -> jax.export.Exported:
   """``jax.export`` (StableHLO) of :func:`integer_apply`, arrays baked in.
 
-  Serialise with :func:`gdnsq_jax.export.inference.serialize_inference`;
+  Serialise with :func:`gdnsq_jax.export.stablehlo.serialize_inference`;
   serve with ``jax.export.deserialize(data).call(images)``.
   """
-  return inference.export_inference(
+  return stablehlo.export_inference(
       model, export, batch_size=batch_size, platforms=platforms,
       apply_fn=lambda x: integer_apply(model, export, x))
 

@@ -1,4 +1,4 @@
-"""Tests of the export files, the StableHLO artifact and the export CLI."""
+"""Tests of the export files and the export CLI."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gdnsq_jax import calibration
 from gdnsq_jax.export import exporter as export_lib
 from gdnsq_jax.export import files as export_files
-from gdnsq_jax.export import inference as integer_inference
+from gdnsq_jax.export import stablehlo as export_stablehlo
 from gdnsq_jax import interception
 from tests import export_setup
 from tests import tiny_setup
@@ -28,25 +27,6 @@ from train import steps
 from train import train_lib
 
 EVAL = export_setup.EVAL
-
-
-class StableHloTest(absltest.TestCase):
-
-  def test_serialized_function_reloads_with_identical_outputs(self):
-    model, _, _, x, _, _, export = export_setup.two_layer_setup()
-    exported = integer_inference.export_inference(model, export)
-    served = integer_inference.load_inference(
-        integer_inference.serialize_inference(exported))
-    direct = jax.jit(
-        lambda x: integer_inference.integer_apply(model, export, x))
-    for batch in (x, x[:3]):  # the batch size is symbolic
-      np.testing.assert_array_equal(np.asarray(served(batch)),
-                                    np.asarray(direct(batch)))
-
-  def test_garbage_bytes_give_a_clear_error(self):
-    with self.assertRaisesRegex(export_lib.ExportError,
-                                "not a serialized jax.export"):
-      integer_inference.load_inference(b"\x00not an export")
 
 
 class FilesTest(parameterized.TestCase):
@@ -192,7 +172,7 @@ class ExportCliTest(absltest.TestCase):
           "stage3_block1/shortcut_conv", "classifier"])
       loaded = export_files.load_export(out)
       self.assertEqual(loaded.manifest["totals"], manifest["totals"])
-      served = integer_inference.load_inference(
+      served = export_stablehlo.load_inference(
           export_files.read_stablehlo(out))
       self.assertEqual(served(jnp.zeros((2, 12, 12, 1))).shape, (2, 4))
 

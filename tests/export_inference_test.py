@@ -16,6 +16,7 @@ from gdnsq_jax import interception
 from gdnsq_jax import layers
 from gdnsq_jax.export import exporter as export_lib
 from gdnsq_jax.export import inference as integer_inference
+from gdnsq_jax.export import stablehlo as export_stablehlo
 from gdnsq_jax.export import verification as export_verification
 from tests import export_setup
 from tests import layer_setup
@@ -203,7 +204,7 @@ class AnyLinenModelExportTest(parameterized.TestCase):
     self.assertEqual({e["path"] for e in export.layers if e["quantized"]},
                      set(qmodel.quantized_paths))
     reference = jax.jit(lambda v, x: qmodel.apply(v, x, **EVAL))(variables, x)
-    exported = integer_inference.export_inference(model, export)
+    exported = export_stablehlo.export_inference(model, export)
     logits = exported.call(x)
     agreement = export_verification.compare_logits(logits, reference)
     self.assertGreaterEqual(agreement["argmax_agreement"], 0.999)

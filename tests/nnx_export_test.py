@@ -17,7 +17,7 @@ from gdnsq_jax import nnx_export
 from gdnsq_jax import nnx_quantize
 from gdnsq_jax.export import exporter
 from gdnsq_jax.export import files
-from gdnsq_jax.export import inference
+from gdnsq_jax.export import stablehlo
 from gdnsq_jax.export import verification
 from gdnsq_jax.nnx_quantizers import linen_variables
 from gdnsq_jax.settings import QuantSettings
@@ -56,7 +56,7 @@ class NnxExportTest(parameterized.TestCase):
     errors = jax.jit(lambda x: nnx_export.compare_layers(model, export, x))(x)
     self.assertEqual(set(errors), {e["path"] for e in export.layers})
     self.assertLess(max(float(e) for e in errors.values()), 1e-4)
-    served = inference.load_inference(inference.serialize_inference(
+    served = stablehlo.load_inference(stablehlo.serialize_inference(
         nnx_export.export_inference(model, export)))
     np.testing.assert_allclose(served(x[:5]), integer[:5], rtol=1e-6,
                                atol=1e-6)

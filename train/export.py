@@ -37,6 +37,7 @@ from gdnsq_jax.export import exporter as export_lib
 from gdnsq_jax.export import files as export_files
 from gdnsq_jax.export import verification as export_verification
 from gdnsq_jax.export import inference as integer_inference
+from gdnsq_jax.export import stablehlo as export_stablehlo
 from gdnsq_jax import interception
 from train import checkpointing
 from train import input_pipeline
@@ -172,10 +173,10 @@ def export_run(workdir: str, *, output_dir: Optional[str] = None,
         f"split: {check}; nothing was written. Please report this as a bug")
   blob = None
   if stablehlo:
-    exported = integer_inference.export_inference(model, export)
-    blob = integer_inference.serialize_inference(exported)
+    exported = export_stablehlo.export_inference(model, export)
+    blob = export_stablehlo.serialize_inference(exported)
     images = next(_images(dataset, "test", batch_size))[0]
-    served = integer_inference.load_inference(blob)(images)
+    served = export_stablehlo.load_inference(blob)(images)
     check["stablehlo_max_abs_difference"] = float(
         np.abs(np.asarray(served) - np.asarray(integer(images))).max())
     check["stablehlo_platforms"] = list(exported.platforms)

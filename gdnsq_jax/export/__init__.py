@@ -6,7 +6,9 @@
 * :mod:`~gdnsq_jax.export.files` -- ``manifest.json`` + ``arrays.npz`` +
   ``model.stablehlo`` on disk, and back;
 * :mod:`~gdnsq_jax.export.inference` -- the int32-accumulated integer
-  inference and its ``jax.export`` StableHLO serialisation;
+  inference;
+* :mod:`~gdnsq_jax.export.stablehlo` -- its ``jax.export`` StableHLO
+  serialisation;
 * :mod:`~gdnsq_jax.export.verification` -- layer-by-layer and logit
   comparison against the fake-quant model.
 """
@@ -15,6 +17,7 @@ from gdnsq_jax.export import exporter
 from gdnsq_jax.export import files
 from gdnsq_jax.export import inference
 from gdnsq_jax.export import packing
+from gdnsq_jax.export import stablehlo
 from gdnsq_jax.export import verification
 from gdnsq_jax.export.exporter import export_model
 from gdnsq_jax.export.exporter import ExportError
@@ -25,8 +28,8 @@ from gdnsq_jax.export.files import format_size_table
 from gdnsq_jax.export.files import load_export
 from gdnsq_jax.export.files import save_export
 from gdnsq_jax.export.inference import integer_apply
-from gdnsq_jax.export.inference import load_inference
-from gdnsq_jax.export.inference import serialize_inference
+from gdnsq_jax.export.stablehlo import load_inference
+from gdnsq_jax.export.stablehlo import serialize_inference
 from gdnsq_jax.export.verification import compare_layers
 from gdnsq_jax.export.verification import compare_logits
 
@@ -48,5 +51,6 @@ __all__ = (
     "packing",
     "save_export",
     "serialize_inference",
+    "stablehlo",
     "verification",
 )

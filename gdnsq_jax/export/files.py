@@ -6,7 +6,7 @@ A directory written by :func:`save_export` holds::
                     ``files``: byte size and SHA-256 of every other file
   arrays.npz        the arrays (packed uint8 codes, float32 parameters)
   model.stablehlo   optional: the serialized ``jax.export`` integer
-                    inference function (see :mod:`gdnsq_jax.export.inference`)
+                    inference function (see :mod:`gdnsq_jax.export.stablehlo`)
 
 :func:`load_export` refuses, with an :class:`ExportFormatError` that names
 the file and the fix, a missing, truncated or corrupt file, a manifest of
