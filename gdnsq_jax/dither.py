@@ -5,8 +5,8 @@ The step gradient of a quantizer takes a Rademacher dither ``rho``
 quantized array. No quantizer draws it with the PRNG: the training step
 passes one key per step, each quantizer xors that key with a static hash of
 its module path and call count (:func:`quantizer_id`, :func:`dither_key`),
-and its backward hashes (key, element index) into the sign of every element
-(:func:`dither_values`): integer arithmetic that XLA fuses into the pass
+and its backward hashes (key, element index // 32) into a word whose bits are
+the signs of 32 consecutive elements (:func:`dither_values`): integer arithmetic that XLA fuses into the pass
 that uses ``rho``, with the same draw for the same key (resume).
 
 How the dither enters the gradients (the ``pure`` option included) is the
@@ -99,19 +99,6 @@ def _key_words(key) -> tuple[jax.Array, jax.Array]:
   return words[0], second
 
 
-def _element_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major linear index of every element, uint32 (modulo 2**32).
-
-  Built from one iota per axis, so a partitioned (``jit`` with shardings)
-  array gets the global index on every device.
-  """
-  index = jnp.zeros(shape, jnp.uint32)
-  for axis, size in enumerate(shape):
-    index = index * jnp.uint32(size) + lax.broadcasted_iota(
-        jnp.uint32, shape, axis)
-  return index
-
-
 def quantizer_id(names: Sequence[str], call: int = 1) -> int:
   """The static dither id of a quantizer: its module path and call count.
 
@@ -151,6 +138,10 @@ def dither_key(key: jax.Array, quantizer_id: int) -> jax.Array:
       [_mix32(low ^ 0x9E3779B9), _mix32(_mix32(high) ^ low)], jnp.uint32)
 
 
+_WORD_BITS = 32
+"""Signs per hash word: element ``i`` reads bit ``i % 32`` of word ``i // 32``."""
+
+
 def dither_values(
     key: jax.Array,
     shape: tuple[int, ...],
@@ -159,23 +150,28 @@ def dither_values(
 ) -> jax.Array:
   """The step-size dither ``rho``: ``+-amplitude`` per element, float32.
 
-  Counter-based: element ``i`` (row-major) gets the top bit of
-  ``mix(mix(i ^ s0) ^ s1)``, with ``mix`` the lowbias32 integer hash and
-  ``(s0, s1)`` the key's two words mixed together (scalar work, once per
-  call: keys a few bits apart give unrelated seeds). Elementwise, so XLA
-  fuses it into the backward pass that uses it: no random-bit kernels, about
-  20 integer operations per element. Each element is
-  ``+amplitude`` or ``-amplitude`` with probability 1/2, independently
-  across elements, quantizers (:func:`dither_key`) and steps
-  (tests/dither_test.py checks mean, variance and correlations); the same
-  key gives the same dither (resume).
+  Counter-based: element ``i`` (row-major, plus ``index_offset``) gets bit
+  ``i % 32`` of the word ``mix(mix(i // 32 ^ s0) ^ s1)``, with ``mix`` the
+  lowbias32 integer hash and ``(s0, s1)`` the key's two words mixed together
+  (scalar work, once per call: keys a few bits apart give unrelated seeds).
+  One hash per 32 elements, then a shift and a mask per element: XLA fuses
+  it into the backward pass that uses ``rho`` (no random-bit kernels), and
+  on a CPU it costs a fraction of a hash per element (measured on a
+  128x28x28x16 activation: 0.6-1.8 ms against 5.8 ms for one hash per
+  element). Each element is ``+amplitude`` or ``-amplitude`` with
+  probability 1/2, independently across elements, quantizers
+  (:func:`dither_key`) and steps (tests/dither_test.py checks mean,
+  variance and correlations, at lags across word boundaries too); the same
+  key gives the same dither (resume), and a block at ``index_offset`` gives
+  the elements of the whole array at those indices (``shard_map``).
 
   Args:
     key: PRNG key (typed or raw uint32 key data, e.g. from
       :func:`dither_key`).
     shape: shape of the dithered array.
     dither: one of :data:`DITHERS` (sets the amplitude).
-    index_offset: added to the element index (uint32 scalar; see
+    index_offset: added to the element index (an int, or a uint32 scalar
+      under ``shard_map``; see
       :func:`gdnsq_jax.quantizers.global_index_offset`).
 
   Returns:
@@ -185,7 +181,20 @@ def dither_values(
   word0, word1 = _key_words(key)
   seed0 = _mix32(word0 ^ _mix32(word1 ^ jnp.uint32(0x6A09E667)))
   seed1 = _mix32(word1 ^ _mix32(seed0 ^ jnp.uint32(0xBB67AE85)))
-  index = _element_index(tuple(shape)) + jnp.asarray(index_offset,
-                                                     jnp.uint32)
-  hashed = _mix32(_mix32(index ^ seed0) ^ seed1, final_shift=False)
-  return jnp.where(hashed >= jnp.uint32(1 << 31), amplitude, -amplitude)
+  shape = tuple(shape)
+  size = math.prod(shape)
+  static = isinstance(index_offset, int)
+  if static:  # the word of element 0 and the bit it starts at
+    first, skip = (index_offset // _WORD_BITS) % 2**32, index_offset % _WORD_BITS
+  else:
+    offset = jnp.asarray(index_offset, jnp.uint32)
+    first, skip = offset >> 5, offset & jnp.uint32(_WORD_BITS - 1)
+  # One more word when the block does not start on a word boundary.
+  count = -(-size // _WORD_BITS) + (0 if static and skip == 0 else 1)
+  words = lax.iota(jnp.uint32, count) + jnp.asarray(first, jnp.uint32)
+  words = _mix32(_mix32(words ^ seed0) ^ seed1)
+  bits = (words[:, None] >> lax.iota(jnp.uint32, _WORD_BITS)[None, :]) & 1
+  bits = bits.reshape(-1)
+  bits = (bits[skip:skip + size] if static
+          else lax.dynamic_slice(bits, (skip,), (size,)))
+  return jnp.where(bits.reshape(shape) == 1, amplitude, -amplitude)
