@@ -64,6 +64,48 @@ class ResultsTableTest(absltest.TestCase):
     self.assertEqual(results_table.main([self.run_dir, "--check",
                                          self.readme]), 1)
 
+  def test_widths_and_export_blocks_and_save(self):
+    with open(os.path.join(self.run_dir, "bitwidths.txt"), "w") as f:
+      f.write("layer  W max\nconv1  2.000\n")
+    manifest = {
+        "layers": [{"path": "conv1", "weight_bits": 2, "activation_bits": 2,
+                    "macs": 864, "bytes": 67, "fp32_bytes": 216,
+                    "batch_norm": True}],
+        "variables": {}, "totals": {
+            "size_bytes": 67, "fp32_size_bytes": 216, "compression": 3.22,
+            "quantized_layers": 1, "fp_layers": [], "macs": 864,
+            "bops": 3456}}
+    os.makedirs(os.path.join(self.run_dir, "export"))
+    with open(os.path.join(self.run_dir, "export", "manifest.json"),
+              "w") as f:
+      json.dump(manifest, f)
+    blocks = {name: results_table._markers(name)
+              for name in ("bitwidths", "export-summary")}
+    with open(self.readme, "a") as f:
+      for start, end in blocks.values():
+        f.write(f"{start}\nold\n{end}\nbetween\n")
+    self.assertEqual(results_table.main([self.run_dir, "--check",
+                                         self.readme]), 1)
+    saved = self.create_tempdir().full_path
+    self.assertEqual(results_table.main(
+        [self.run_dir, "--write", self.readme, "--save", saved]), 0)
+    with open(self.readme) as f:
+      text = f.read()
+    start, end = blocks["bitwidths"]
+    self.assertIn(f"{start}\n```\nlayer  W max\nconv1  2.000\n```\n{end}",
+                  text)
+    self.assertRegex(text, r"conv1\s+2\s+2\s+864\s+67\s+216\s+yes")
+    self.assertIn("67 bytes vs 216 bytes FP32 (3.22x smaller)", text)
+    self.assertEqual(text.count("between\n"), 2)
+    # The saved copy renders the same blocks: the README checks against it.
+    self.assertEqual(sorted(os.listdir(saved)), [
+        "bitwidths.txt", "config.json", "export", "history.jsonl",
+        "results.json"])
+    self.assertEqual(results_table.main([saved, "--check", self.readme]), 0)
+    os.remove(os.path.join(saved, "export", "manifest.json"))
+    with self.assertRaisesRegex(SystemExit, "no export/manifest.json"):
+      results_table.main([saved, "--check", self.readme])
+
   def test_unfinished_run_and_missing_markers_are_clear_errors(self):
     os.remove(os.path.join(self.run_dir, "history.jsonl"))
     with self.assertRaisesRegex(SystemExit, "not a finished run: missing"):

@@ -99,6 +99,24 @@ class FilesTest(parameterized.TestCase):
     self.assertIn("173 bytes vs 1,196 bytes FP32 (6.91x smaller)", table)
     self.assertIn("BOPs: 6,144", table)
 
+  def test_summary_is_the_table_then_the_verification(self):
+    manifest = dict(self.export.manifest)
+    self.assertEqual(export_files.format_summary(manifest),
+                     export_files.format_size_table(manifest))
+    manifest["verification"] = {
+        "count": 2000, "split": "test", "argmax_agreement": 0.9995,
+        "fraction_within_1e-4": 0.9965, "max_relative_error": 0.015,
+        "max_layer_relative_error": 5.3e-6, "integer_accuracy": 0.975,
+        "fake_quant_accuracy": 0.9755}
+    summary = export_files.format_summary(manifest).split("\n")
+    self.assertEqual(summary[:-1],
+                     export_files.format_size_table(manifest).split("\n"))
+    self.assertEqual(
+        summary[-1], "verified on 2000 test images: argmax agreement "
+        "0.9995; logits within 1e-4 relative on 99.65% (max 1.5e-02); every "
+        "layer within 5.3e-06 on the same input; accuracy 0.9750 "
+        "(fake-quant 0.9755)")
+
 
 def _write_tiny_run(tmpdir: str) -> str:
   """A run directory as train.main leaves it: config and a calibrated state.

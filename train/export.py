@@ -201,14 +201,7 @@ def main(argv):
                           stablehlo=_STABLEHLO.value)
   except export_lib.ExportError as err:
     sys.exit(f"error: {err}")
-  print(export_files.format_size_table(manifest))
-  v = manifest["verification"]
-  print(f"verified on {v['count']} {v['split']} images: argmax agreement "
-        f"{v['argmax_agreement']:.4f}; logits within 1e-4 relative on "
-        f"{v['fraction_within_1e-4']:.2%} (max {v['max_relative_error']:.1e});"
-        f" every layer within {v['max_layer_relative_error']:.1e} on the same "
-        f"input; accuracy {v['integer_accuracy']:.4f} (fake-quant "
-        f"{v['fake_quant_accuracy']:.4f})")
+  print(export_files.format_summary(manifest))
   if manifest["forced"]:
     print("forced export; widths above target:\n  "
           + "\n  ".join(manifest["width_violations"]))

@@ -25,6 +25,7 @@ from gdnsq_jax.export.exporter import IntegerExport
 from gdnsq_jax.export.exporter import NotConvergedError
 from gdnsq_jax.export.files import ExportFormatError
 from gdnsq_jax.export.files import format_size_table
+from gdnsq_jax.export.files import format_summary
 from gdnsq_jax.export.files import load_export
 from gdnsq_jax.export.files import save_export
 from gdnsq_jax.export.inference import integer_apply
@@ -44,6 +45,7 @@ __all__ = (
     "exporter",
     "files",
     "format_size_table",
+    "format_summary",
     "inference",
     "integer_apply",
     "load_export",

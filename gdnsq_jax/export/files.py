@@ -35,6 +35,7 @@ __all__ = [
     "MANIFEST_FILE",
     "STABLEHLO_FILE",
     "format_size_table",
+    "format_summary",
     "load_export",
     "read_stablehlo",
     "save_export",
@@ -229,4 +230,24 @@ def format_size_table(manifest: dict) -> str:
       f"{len(t['fp_layers'])} FP layers")
   lines.append(f"MACs: {t['macs']:,} per example; "
                f"BOPs: {t['bops']:,} ({t['bops'] / 1e9:.4f} G)")
+  return "\n".join(lines)
+
+
+def format_summary(manifest: dict) -> str:
+  """:func:`format_size_table`, then the verification line of the manifest.
+
+  What ``python -m train.export`` prints and README.md shows; the
+  verification (written by the program's export) is optional.
+  """
+  lines = [format_size_table(manifest)]
+  v = manifest.get("verification")
+  if v:
+    lines.append(
+        f"verified on {v['count']} {v['split']} images: argmax agreement "
+        f"{v['argmax_agreement']:.4f}; logits within 1e-4 relative on "
+        f"{v['fraction_within_1e-4']:.2%} (max "
+        f"{v['max_relative_error']:.1e}); every layer within "
+        f"{v['max_layer_relative_error']:.1e} on the same input; accuracy "
+        f"{v['integer_accuracy']:.4f} (fake-quant "
+        f"{v['fake_quant_accuracy']:.4f})")
   return "\n".join(lines)
