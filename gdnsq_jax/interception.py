@@ -126,6 +126,14 @@ class QuantizationRules:
         )
     return cls(**rules)
 
+  @classmethod
+  def coerce(cls, rules: Union["QuantizationRules", Mapping[str, Any], None]
+             ) -> "QuantizationRules":
+    """``rules`` itself, :meth:`from_dict` of a dict, or the defaults (None)."""
+    if isinstance(rules, Mapping):
+      return cls.from_dict(rules)
+    return cls() if rules is None else rules
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
@@ -266,10 +274,7 @@ def quantize_model(
     ValueError: for unknown rule keys or invalid regexes.
   """
   settings = settings if settings is not None else QuantSettings()
-  if rules is None:
-    rules = QuantizationRules()
-  elif isinstance(rules, Mapping):
-    rules = QuantizationRules.from_dict(rules)
+  rules = QuantizationRules.coerce(rules)
   traced = tracing.trace_calls(model, sample_args, sample_kwargs)
   return QuantizedModel(model, settings, place_layers(traced, rules))
 

@@ -292,10 +292,7 @@ def quantize_model(
     raise ValueError("the model is already quantized (it has a "
                      "QuantizationPlan); quantize the FP model")
   settings = settings if settings is not None else QuantSettings()
-  if rules is None:
-    rules = QuantizationRules()
-  elif isinstance(rules, Mapping):
-    rules = QuantizationRules.from_dict(rules)
+  rules = QuantizationRules.coerce(rules)
   traced = nnx_tracing.trace_calls(model, sample_args, sample_kwargs)
   infos = interception.place_layers(traced, rules)
   if copy:

@@ -88,6 +88,10 @@ class InterceptionTest(chex.TestCase):
         layer_setup.PlainCNN(), self.x, rules=interception.QuantizationRules(
             include=["b.*"]))
     self.assertEqual(q.quantized_paths, {"body"})
+    rules = interception.QuantizationRules(include=["b.*"])
+    self.assertIs(interception.QuantizationRules.coerce(rules), rules)
+    self.assertEqual(interception.QuantizationRules.coerce(None),
+                     interception.QuantizationRules())
 
   def test_jitted_forward_backward_traces_once(self):
     v = layer_setup.variables(self.qmodel.init, self.x)
