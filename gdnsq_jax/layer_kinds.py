@@ -36,7 +36,9 @@ __all__ = [
     "QUANTIZABLE",
     "UNSUPPORTED",
     "channel_axes",
+    "dense_like_equation",
     "einsum_equation",
+    "kernel_output_axes",
     "kind_of",
     "layer_input",
     "weight_kind",
@@ -94,6 +96,39 @@ def _normalize(axes, ndim):
   return tuple(a % ndim for a in axes)
 
 
+def dense_like_equation(kind: str, input_shape: Sequence[int],
+                        kernel_shape: Sequence[int], *, axis: Any = -1,
+                        batch_dims: Any = (), num_features: int = 1,
+                        einsum_str: Optional[str] = None) -> str:
+  """The explicit ``'lhs,rhs->out'`` of a dense-like kind, any framework.
+
+  ``dense`` contracts the last input axis with the kernel ``(in, out)``;
+  ``dense_general`` the input ``axis`` with the kernel ``batch_dims + axis +
+  features`` (``num_features`` feature axes); ``einsum`` is ``einsum_str``
+  with every axis named by one letter (no ellipsis). The Linen
+  (:func:`einsum_equation`) and NNX layers read these from their modules.
+  """
+  ndim = len(input_shape)
+  letters = string.ascii_letters
+  lhs = letters[:ndim]
+  if kind == "dense":
+    rhs = lhs[-1] + letters[ndim]
+    return f"{lhs},{rhs}->{lhs[:-1]}{rhs[-1]}"
+  if kind == "dense_general":
+    axis = _normalize(axis, ndim)
+    batch = _normalize(batch_dims, ndim)
+    features = letters[ndim:ndim + num_features]
+    rhs = ("".join(lhs[b] for b in batch) + "".join(lhs[a] for a in axis)
+           + features)
+    out = "".join(lhs[i] for i in range(ndim) if i not in axis)
+    return f"{lhs},{rhs}->{out}{features}"
+  operands, out, _ = opt_einsum.parser.parse_einsum_input((
+      einsum_str.replace(" ", ""),
+      jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32),
+      jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
+  return f"{operands}->{out}"
+
+
 def einsum_equation(module: nn.Module, inputs: Any,
                     kernel_shape: Sequence[int], args: Sequence[Any] = (),
                     kwargs: Optional[Mapping[str, Any]] = None) -> str:
@@ -110,34 +145,26 @@ def einsum_equation(module: nn.Module, inputs: Any,
     The equation, every axis named by one letter (no ellipsis).
   """
   kind = kind_of(module)
-  ndim = len(inputs.shape)
-  letters = string.ascii_letters
-  if kind == "dense":
-    lhs = letters[:ndim]
-    rhs = lhs[-1] + letters[ndim]
-    return f"{lhs},{rhs}->{lhs[:-1]}{rhs[-1]}"
+  if kind not in DENSE_LIKE:
+    raise ValueError(f"{type(module).__name__} is not a dense-like layer "
+                     f"(one of {', '.join(DENSE_LIKE)})")
+  attributes = {}
   if kind == "dense_general":
-    axis = _normalize(module.axis, ndim)
-    batch = _normalize(module.batch_dims, ndim)
-    features = (1 if isinstance(module.features, int)
-                else len(tuple(module.features)))
-    lhs = letters[:ndim]
-    feature_letters = letters[ndim:ndim + features]
-    rhs = ("".join(lhs[b] for b in batch) + "".join(lhs[a] for a in axis)
-           + feature_letters)
-    out = "".join(lhs[i] for i in range(ndim) if i not in axis)
-    return f"{lhs},{rhs}->{out}{feature_letters}"
-  if kind == "einsum":
+    attributes = dict(axis=module.axis, batch_dims=module.batch_dims,
+                      num_features=(1 if isinstance(module.features, int)
+                                    else len(tuple(module.features))))
+  elif kind == "einsum":
     kwargs = kwargs or {}
     call_str = args[0] if args else kwargs.get("einsum_str")
-    equation = nn.merge_param("einsum_str", module.einsum_str, call_str)
-    operands, out, _ = opt_einsum.parser.parse_einsum_input((
-        equation.replace(" ", ""),
-        jax.ShapeDtypeStruct(tuple(inputs.shape), jnp.float32),
-        jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
-    return f"{operands}->{out}"
-  raise ValueError(f"{type(module).__name__} is not a dense-like layer "
-                   f"(one of {', '.join(DENSE_LIKE)})")
+    attributes = dict(einsum_str=nn.merge_param(
+        "einsum_str", module.einsum_str, call_str))
+  return dense_like_equation(kind, inputs.shape, kernel_shape, **attributes)
+
+
+def kernel_output_axes(equation: str) -> tuple[int, ...]:
+  """The kernel (second operand) axes of ``equation`` that reach its output."""
+  rhs, out = equation.split(",")[1].split("->")
+  return tuple(i for i, c in enumerate(rhs) if c in out)
 
 
 def channel_axes(module: nn.Module, inputs: Any, kernel_shape: Sequence[int],
@@ -151,6 +178,5 @@ def channel_axes(module: nn.Module, inputs: Any, kernel_shape: Sequence[int],
   """
   if kind_of(module) == "conv":
     return (len(kernel_shape) - 1,)
-  equation = einsum_equation(module, inputs, kernel_shape, args, kwargs)
-  rhs, out = equation.split(",")[1].split("->")
-  return tuple(i for i, c in enumerate(rhs) if c in out)
+  return kernel_output_axes(
+      einsum_equation(module, inputs, kernel_shape, args, kwargs))

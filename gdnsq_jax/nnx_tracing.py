@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import string
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
-import numpy as np
-import opt_einsum
 
-from gdnsq_jax import channels
 from gdnsq_jax import layer_kinds
 from gdnsq_jax import tracing
 
@@ -79,50 +74,35 @@ def _weight(module: Any, kind: str) -> nnx.Variable:
   return module.embedding if kind == "embed" else module.kernel
 
 
-def _normalize(axes, ndim):
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(a % ndim for a in axes)
-
-
 def einsum_equation(module: Any, inputs: Any, kernel_shape: Sequence[int],
                     args: Sequence[Any] = (),
                     kwargs: Optional[Mapping[str, Any]] = None) -> str:
   """The explicit ``'lhs,rhs->out'`` einsum a dense-like NNX layer computes.
 
-  As :func:`gdnsq_jax.layer_kinds.einsum_equation` for the Linen layers:
-  ``nnx.Linear`` contracts the last input axis; ``nnx.LinearGeneral`` its
-  ``axis`` against the kernel ``batch + in + out``; ``nnx.Einsum`` its own
-  equation (``einsum_str`` of the call or the module).
+  :func:`gdnsq_jax.layer_kinds.dense_like_equation` of the module's
+  attributes, as :func:`gdnsq_jax.layer_kinds.einsum_equation` for the Linen
+  layers: ``nnx.Linear`` contracts the last input axis; ``nnx.LinearGeneral``
+  its ``axis`` against the kernel ``batch + in + out``; ``nnx.Einsum`` its
+  own equation (``einsum_str`` of the call or the module).
 
   Raises:
     ValueError: for a module that is not dense-like.
   """
   kind = kind_of(module)
-  ndim = len(inputs.shape)
-  letters = string.ascii_letters
-  lhs = letters[:ndim]
-  if kind == "dense":
-    rhs = lhs[-1] + letters[ndim]
-    return f"{lhs},{rhs}->{lhs[:-1]}{rhs[-1]}"
+  if kind not in layer_kinds.DENSE_LIKE:
+    raise ValueError(f"{type(module).__name__} is not a dense-like NNX layer "
+                     f"(kinds {', '.join(layer_kinds.DENSE_LIKE)})")
+  attributes = {}
   if kind == "dense_general":
-    axis = _normalize(module.axis, ndim)
-    batch = _normalize(tuple(module.batch_axis), ndim)
-    features = letters[ndim:ndim + len(module.out_features)]
-    rhs = ("".join(lhs[b] for b in batch) + "".join(lhs[a] for a in axis)
-           + features)
-    out = "".join(lhs[i] for i in range(ndim) if i not in axis)
-    return f"{lhs},{rhs}->{out}{features}"
-  if kind == "einsum":
+    attributes = dict(axis=module.axis, batch_dims=tuple(module.batch_axis),
+                      num_features=len(module.out_features))
+  elif kind == "einsum":
     kwargs = kwargs or {}
-    equation = (args[0] if args and args[0] is not None
-                else kwargs.get("einsum_str") or module.einsum_str)
-    operands, out, _ = opt_einsum.parser.parse_einsum_input((
-        equation.replace(" ", ""),
-        jax.ShapeDtypeStruct(tuple(inputs.shape), jnp.float32),
-        jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32)))
-    return f"{operands}->{out}"
-  raise ValueError(f"{type(module).__name__} is not a dense-like NNX layer "
-                   f"(kinds {', '.join(layer_kinds.DENSE_LIKE)})")
+    attributes = dict(einsum_str=(
+        args[0] if args and args[0] is not None
+        else kwargs.get("einsum_str") or module.einsum_str))
+  return layer_kinds.dense_like_equation(kind, inputs.shape, kernel_shape,
+                                         **attributes)
 
 
 def channel_axes(module: Any, inputs: Any, kernel_shape: Sequence[int],
@@ -137,9 +117,8 @@ def channel_axes(module: Any, inputs: Any, kernel_shape: Sequence[int],
   """
   if kind_of(module) == "conv":
     return (len(kernel_shape) - 1,)
-  rhs, out = einsum_equation(module, inputs, kernel_shape, args,
-                             kwargs).split(",")[1].split("->")
-  return tuple(i for i, c in enumerate(rhs) if c in out)
+  return layer_kinds.kernel_output_axes(
+      einsum_equation(module, inputs, kernel_shape, args, kwargs))
 
 
 def module_paths(model: Any) -> dict[int, str]:
@@ -148,6 +127,13 @@ def module_paths(model: Any) -> dict[int, str]:
   for path, module in nnx.iter_modules(model):
     paths.setdefault(id(module), "/".join(str(p) for p in path))
   return paths
+
+
+def _subclass(cls, prefix, make_call):
+  return type(f"{prefix}{cls.__name__}", (cls,),
+              {"__call__": make_call(cls.__call__),
+               "__module__": cls.__module__,
+               "__qualname__": f"{prefix}{cls.__qualname__}"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,10 +146,7 @@ def subclass_with_call(cls: type, prefix: str,
   graph node types). A direct subclass keeps the instance layout, so an
   existing module can take it (``module.__class__ = ...``) with its state.
   """
-  return type(f"{prefix}{cls.__name__}", (cls,),
-              {"__call__": make_call(cls.__call__),
-               "__module__": cls.__module__,
-               "__qualname__": f"{prefix}{cls.__qualname__}"})
+  return _subclass(cls, prefix, make_call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,19 +159,6 @@ class NnxTracedLayer(tracing.TracedLayer):
   """
 
   channel_axes: tuple[int, ...] = ()
-
-
-def _macs(kind, module, x, kernel_shape, out, args, kwargs) -> int:
-  """Multiply-accumulates per example: outputs x entries per channel."""
-  if kind == "embed" or not hasattr(out, "shape"):
-    return 0
-  if kind in layer_kinds.QUANTIZABLE:
-    axes = channel_axes(module, x, kernel_shape, args, kwargs)
-    per_output = channels.entries_per_channel(
-        kernel_shape, channels.step_shape(kernel_shape, axes))
-  else:
-    per_output = int(np.prod(kernel_shape[:-1]))
-  return int(np.prod(out.shape[1:])) * per_output
 
 
 def _record_call(base, record):
@@ -207,7 +177,7 @@ def trace_calls(model: Any, args: Sequence[Any],
   The model runs abstractly in its current mode (``model.eval()`` /
   ``model.train()``); array-like leaves of ``args`` / ``kwargs`` (arrays,
   ``jax.ShapeDtypeStruct``) are traced, other leaves stay static. The
-  foldable-BatchNorm rule is :func:`gdnsq_jax.tracing.trace_calls`'s: the
+  foldable-BatchNorm rule is :func:`gdnsq_jax.tracing.first_calls`: the
   BatchNorm's input *is* the layer's output, it runs on running averages
   over the last axis, both are called once and nothing else takes that
   output.
@@ -222,9 +192,7 @@ def trace_calls(model: Any, args: Sequence[Any],
     once.
   """
   graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs or {})))
-  is_array = [isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-              for l in leaves]
+  arrays, rebuild = tracing.split_array_leaves(args, kwargs)
   calls, norms, inputs_seen = [], [], []
 
   def run(state, *array_leaves):
@@ -237,10 +205,10 @@ def trace_calls(model: Any, args: Sequence[Any],
       x = call_args[0] if call_args else next(iter(call_kwargs.values()))
       if kind is not None:
         shape = tuple(_weight(module, kind).shape)
-        macs = _macs(kind, module, x, shape, out, call_args[1:], call_kwargs)
         axes = (channel_axes(module, x, shape, call_args[1:], call_kwargs)
                 if kind in layer_kinds.QUANTIZABLE else ())
-        calls.append((path, kind, shape, out, macs, axes))
+        macs = tracing.macs_per_example(kind, shape, axes, out)
+        calls.append((path, kind, out, shape, macs, axes))
       else:  # BatchNorm
         flag = call_kwargs.get("use_running_average",
                                call_args[1] if len(call_args) > 1 else None)
@@ -252,33 +220,13 @@ def trace_calls(model: Any, args: Sequence[Any],
     make_call = lambda base: _record_call(base, record)
     for _, module in list(nnx.iter_modules(copy)):
       if weight_kind(module) is not None or isinstance(module, nnx.BatchNorm):
-        module.__class__ = _tracing_class(type(module), make_call)
-    it = iter(array_leaves)
-    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
-    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        # Not cached across traces: ``make_call`` closes over these records.
+        module.__class__ = _subclass(type(module), "Traced", make_call)
+    call_args, call_kwargs = rebuild(array_leaves)
     copy(*call_args, **call_kwargs)
 
-  jax.eval_shape(run, state, *[l for l, a in zip(leaves, is_array) if a])
-  count = lambda path, items: sum(item[0] == path for item in items)
-  last_call = {path: i for i, (path, *_) in enumerate(calls)}
-  layers, seen = [], set()
-  for path, kind, shape, out, macs, axes in calls:
-    if path in seen:
-      continue
-    seen.add(path)
-    bn, epsilon = None, None
-    for bn_path, x, foldable, eps in norms:
-      if (x is out and foldable and kind in ("conv", "dense", "dense_general")
-          and count(path, calls) == 1 and count(bn_path, norms) == 1
-          and sum(y is out for y in inputs_seen) == 1):
-        bn, epsilon = bn_path, eps
-    layers.append(NnxTracedLayer(path, kind, shape, macs, bn, epsilon, False,
-                                 last_call[path], axes))
-  return layers
-
-
-def _tracing_class(cls, make_call):
-  # Not cached across traces: ``make_call`` closes over this trace's records.
-  return type(f"Traced{cls.__name__}", (cls,),
-              {"__call__": make_call(cls.__call__),
-               "__module__": cls.__module__})
+  jax.eval_shape(run, state, *arrays)
+  return [NnxTracedLayer(path, kind, shape, macs, bn, epsilon, False,
+                         last_call, axes)
+          for (path, kind, _, shape, macs, axes), bn, epsilon, last_call
+          in tracing.first_calls(calls, norms, inputs_seen)]

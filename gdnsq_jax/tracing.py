@@ -15,7 +15,7 @@ consumes exactly its output (which the export may fold into it). Placement
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -59,21 +59,80 @@ class TracedLayer:
 _FOLDABLE_KINDS = ("conv", "dense", "dense_general")  # channels last in out
 
 
-def _macs(kind, module, x, weight_shape, out, extra_args, kwargs) -> int:
-  """Multiply-accumulates per example: outputs x entries per channel."""
+def macs_per_example(kind: str, kernel_shape: Sequence[int],
+                     axes: Sequence[int], out: Any) -> int:
+  """Multiply-accumulates per example: outputs x kernel entries per channel.
+
+  ``axes``: the kernel's output-channel axes (used for the quantizable
+  kinds); an ``embed`` lookup, or an output without a shape, counts 0.
+  """
   if kind == "embed" or not hasattr(out, "shape"):
     return 0
   if kind in layer_kinds.QUANTIZABLE:
-    axes = layer_kinds.channel_axes(module, x, weight_shape, extra_args, kwargs)
     per_output = channels.entries_per_channel(
-        weight_shape, channels.step_shape(weight_shape, axes))
+        kernel_shape, channels.step_shape(kernel_shape, axes))
   else:
-    per_output = int(np.prod(weight_shape[:-1]))
+    per_output = int(np.prod(kernel_shape[:-1]))
   return int(np.prod(out.shape[1:])) * per_output
 
 
-def _first_input(args, kwargs, name):
-  return args[0] if args else kwargs[name]
+def split_array_leaves(args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]
+                       ) -> tuple[list[Any], Callable[..., Any]]:
+  """``(arrays, rebuild)`` of a call's ``(args, kwargs)``, for ``eval_shape``.
+
+  ``arrays`` are the array-like leaves (arrays, ``jax.ShapeDtypeStruct``);
+  ``rebuild(arrays)`` returns ``(args, kwargs)`` with them in place and the
+  other leaves (a positional ``train`` flag) as static Python values.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs or {})))
+  is_array = [isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+              for l in leaves]
+
+  def rebuild(arrays):
+    it = iter(arrays)
+    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
+    return jax.tree_util.tree_unflatten(treedef, full)
+
+  return [l for l, a in zip(leaves, is_array) if a], rebuild
+
+
+def first_calls(calls: Sequence[tuple[Any, ...]],
+                norms: Sequence[tuple[str, Any, bool, float]],
+                inputs_seen: Sequence[Any]) -> list[tuple[Any, ...]]:
+  """Each layer's first call, in order, with the BatchNorm folding into it.
+
+  The one folding rule of the Linen and NNX tracers: a BatchNorm folds into
+  a layer of a foldable kind when its input *is* the array the layer
+  returned, it is ``foldable`` (running averages over the last axis), both
+  are called once and no other recorded call takes that output.
+
+  Args:
+    calls: every weight-layer call, tuples ``(path, kind, out, ...)``.
+    norms: every BatchNorm call, ``(path, input, foldable, epsilon)``.
+    inputs_seen: the input of every recorded call.
+
+  Returns:
+    ``(call, batch_norm, epsilon, last_call)`` per layer path in first-call
+    order: the BatchNorm's path and epsilon (None, None when none folds) and
+    the position of the path's last call.
+  """
+  count = lambda path, items: sum(item[0] == path for item in items)
+  last_call = {call[0]: i for i, call in enumerate(calls)}
+  layers, seen = [], set()
+  for call in calls:
+    path, kind, out = call[:3]
+    if path in seen:
+      continue
+    seen.add(path)
+    bn, epsilon = None, None
+    for bn_path, x, foldable, eps in norms:
+      if (x is out and foldable and kind in _FOLDABLE_KINDS
+          and count(path, calls) == 1
+          and count(bn_path, norms) == 1
+          and sum(y is out for y in inputs_seen) == 1):
+        bn, epsilon = bn_path, eps
+    layers.append((call, bn, epsilon, last_call[path]))
+  return layers
 
 
 def trace_calls(
@@ -123,14 +182,17 @@ def trace_calls(
       active.discard(path)
     kind = layer_kinds.weight_kind(module)
     if kind is not None:
-      x = _first_input(call_args, call_kwargs, "inputs")
+      x = layer_kinds.layer_input(call_args, call_kwargs)
       shape = tuple(module.get_variable(
           "params", layer_kinds.weight_param_name(kind)).shape)
-      macs = _macs(kind, module, x, shape, out, call_args[1:], call_kwargs)
-      calls.append(("/".join(module.path), module, kind, shape, out, macs))
+      axes = (layer_kinds.channel_axes(module, x, shape, call_args[1:],
+                                       call_kwargs)
+              if kind in layer_kinds.QUANTIZABLE else ())
+      macs = macs_per_example(kind, shape, axes, out)
+      calls.append(("/".join(module.path), kind, out, module, shape, macs))
       inputs_seen.append(x)
     elif isinstance(module, nn.BatchNorm):
-      x = _first_input(call_args, call_kwargs, "x")
+      x = call_args[0] if call_args else call_kwargs["x"]
       flag = call_kwargs.get("use_running_average",
                              call_args[1] if len(call_args) > 1 else None)
       running = nn.merge_param(
@@ -141,42 +203,21 @@ def trace_calls(
       inputs_seen.append(x)
     return out
 
-  leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-  is_array = [
-      isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-      for l in leaves
-  ]
+  arrays, rebuild = split_array_leaves(args, kwargs)
 
   def run(variables, *array_leaves):
-    it = iter(array_leaves)
-    full = [next(it) if a else l for l, a in zip(leaves, is_array)]
-    call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+    call_args, call_kwargs = rebuild(array_leaves)
     with nn.intercept_methods(record):
       if variables is None:
         rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
         return model.init(rngs, *call_args, **call_kwargs)
       return model.apply(variables, *call_args, mutable=True, **call_kwargs)
 
-  jax.eval_shape(run, variables,
-                 *[l for l, a in zip(leaves, is_array) if a])
-  count = lambda path, items: sum(item[0] == path for item in items)
-  last_call = {path: i for i, (path, *_) in enumerate(calls)}
-  layers, seen = [], set()
-  for path, module, kind, kernel_shape, out, macs in calls:
-    if path in seen:
-      continue
-    seen.add(path)
-    bn, epsilon = None, None
-    for bn_path, x, foldable, eps in norms:
-      if (x is out and foldable and kind in _FOLDABLE_KINDS
-          and count(path, calls) == 1
-          and count(bn_path, norms) == 1
-          and sum(y is out for y in inputs_seen) == 1):
-        bn, epsilon = bn_path, eps
-    explicit = isinstance(module, qlayers.EXPLICIT_LAYERS)
-    layers.append(TracedLayer(path, kind, kernel_shape, macs, bn, epsilon,
-                              explicit, last_call[path]))
-  return layers
+  jax.eval_shape(run, variables, *arrays)
+  return [TracedLayer(path, kind, shape, macs, bn, epsilon,
+                      isinstance(module, qlayers.EXPLICIT_LAYERS), last_call)
+          for (path, kind, _, module, shape, macs), bn, epsilon, last_call
+          in first_calls(calls, norms, inputs_seen)]
 
 
 def trace_layers(
