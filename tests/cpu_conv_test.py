@@ -240,6 +240,19 @@ class PlanTest(absltest.TestCase):
     self.assertEqual(plan((3, 3, 64, 64), (1, 1), "matmul"),
                      conv.ConvPlan("matmul", "matmul", "matmul"))
 
+  def test_plain_and_depthwise_geometry(self):
+    geometry = lambda x, w, groups, **kw: conv.plain_conv_geometry(
+        jnp.ones(x), jnp.ones(w), (2, 1), "SAME", None, None, _NHWC, groups,
+        1, **kw)
+    self.assertEqual(geometry((1, 6, 5, 4), (3, 3, 4, 8), 1),
+                     ((2, 1), ((0, 1), (1, 1))))
+    self.assertEqual(geometry((1, 6, 5, 4), (3, 3, 1, 4), 4, depthwise=True),
+                     ((2, 1), ((0, 1), (1, 1))))
+    self.assertIsNone(geometry((1, 6, 5, 4), (3, 3, 1, 4), 4))  # grouped
+    self.assertIsNone(geometry((1, 6, 5, 4), (3, 3, 1, 8), 4,  # multiplier 2
+                               depthwise=True))
+    self.assertIsNone(geometry((1, 6, 5, 4), (3, 3, 2, 4), 2, depthwise=True))
+
   def test_errors_name_the_choices(self):
     x, kernel = jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1))
     with self.assertRaisesRegex(ValueError, "'im2col'.*auto, matmul, xla"):

@@ -65,6 +65,7 @@ __all__ = [
     "conv_general_dilated",
     "conv_plan",
     "fast_conv_enabled",
+    "plain_conv_geometry",
 ]
 
 ALGORITHMS = ("auto", "matmul", "xla")
@@ -202,7 +203,7 @@ def conv_general_dilated(
     raise ValueError(
         f"unknown conv algorithm {algorithm!r}; choose one of: "
         f"{', '.join(ALGORITHMS)} or pass a ConvPlan")
-  plain = use_custom and _plain_conv(
+  plain = use_custom and plain_conv_geometry(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count)
   if not plain:
@@ -219,19 +220,25 @@ def conv_general_dilated(
   return _conv(lhs, rhs, strides, pads, plan, precision, preferred_element_type)
 
 
-def _plain_conv(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation,
-                dimension_numbers, feature_group_count, batch_group_count):
-  """``(strides, pads)`` of a plain NHWC/HWIO conv, else None."""
+def plain_conv_geometry(lhs, rhs, strides, padding, lhs_dilation,
+                        rhs_dilation, dimension_numbers, feature_group_count,
+                        batch_group_count, *, depthwise: bool = False):
+  """``(strides, pads)`` of a plain NHWC/HWIO conv (lax's arguments), else None.
+
+  Plain: one float dtype, no dilation, pads >= 0, one group (``depthwise``:
+  one per input channel, kernel ``(kh, kw, 1, C)``, as train.mobilenet's).
+  """
   if jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4 or dimension_numbers is None:
     return None
   dtype = jnp.result_type(lhs)
   if dtype != jnp.result_type(rhs) or not jnp.issubdtype(dtype, jnp.floating):
     return None
+  lhs_shape, rhs_shape = jnp.shape(lhs), jnp.shape(rhs)
+  groups = lhs_shape[3] if depthwise else 1
   unit = lambda d: d is None or all(int(v) == 1 for v in d)
-  if (feature_group_count, batch_group_count) != (1, 1) or not (
+  if (feature_group_count, batch_group_count) != (groups, 1) or not (
       unit(lhs_dilation) and unit(rhs_dilation)):
     return None
-  lhs_shape, rhs_shape = jnp.shape(lhs), jnp.shape(rhs)
   try:
     numbers = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
     strides = tuple(int(s) for s in strides)
@@ -242,7 +249,9 @@ def _plain_conv(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation,
   except (TypeError, ValueError):
     return None  # lax raises the informative error
   if (numbers != lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
-      or lhs_shape[3] != rhs_shape[2] or len(strides) != 2 or min(strides) < 1
+      or lhs_shape[3] != rhs_shape[2] * groups
+      or (depthwise and rhs_shape[3] != lhs_shape[3])
+      or len(strides) != 2 or min(strides) < 1
       or len(pads) != 2 or min(min(p) for p in pads) < 0):
     return None
   for size, k, (lo, hi) in zip(lhs_shape[1:3], rhs_shape[:2], pads):

@@ -77,24 +77,25 @@ def conv_general_dilated(
   Returns:
     The convolution: lax's shape and dtype, equal up to float rounding.
   """
-  pads = None
+  geometry = None
   if fast_conv.fast_conv_enabled():
-    pads = _depthwise_pads(lhs, rhs, window_strides, padding, lhs_dilation,
-                           rhs_dilation, dimension_numbers,
-                           feature_group_count, batch_group_count)
-  if pads is None:
+    geometry = fast_conv.plain_conv_geometry(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        dimension_numbers, feature_group_count, batch_group_count,
+        depthwise=True)
+  if geometry is None:
     return fast_conv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
+  (sh, sw), pads = geometry
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   out_dtype = preferred_element_type or lhs.dtype
   sum_dtype = jnp.promote_types(out_dtype, jnp.float32)
   x = jnp.pad(lhs, ((0, 0), *pads, (0, 0))).astype(sum_dtype)
   kh, kw = rhs.shape[:2]
-  sh, sw = (int(s) for s in window_strides)
   n, hp, wp, c = x.shape
   ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
   y = None
@@ -106,54 +107,6 @@ def conv_general_dilated(
       term = window * rhs[i, j, 0].astype(sum_dtype)
       y = term if y is None else y + term
   return y.astype(out_dtype)
-
-
-def _depthwise_pads(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation,
-                    dimension_numbers, feature_group_count, batch_group_count):
-  """Explicit pads of an NHWC depthwise conv without dilation, else None."""
-  if jnp.ndim(lhs) != 4 or jnp.ndim(rhs) != 4 or dimension_numbers is None:
-    return None
-  lhs_shape, rhs_shape = jnp.shape(lhs), jnp.shape(rhs)
-  dtype = jnp.result_type(lhs)
-  unit = lambda d: d is None or all(int(v) == 1 for v in d)  # noqa: E731
-  if (dtype != jnp.result_type(rhs) or not jnp.issubdtype(dtype, jnp.floating)
-      or batch_group_count != 1 or not (unit(lhs_dilation)
-                                        and unit(rhs_dilation))
-      or feature_group_count != lhs_shape[-1]
-      or rhs_shape[2:] != (1, lhs_shape[-1])):
-    return None
-  try:
-    numbers = lax.conv_dimension_numbers(lhs_shape, rhs_shape,
-                                         dimension_numbers)
-    if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2],
-                                    tuple(int(s) for s in strides), padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  except (TypeError, ValueError):
-    return None  # lax raises the informative error
-  if (numbers != lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
-      or len(pads) != 2 or min(min(p) for p in pads) < 0):
-    return None
-  return pads
-
-
-def _conv(features: int, kernel_size: int, strides: int, dtype: Any,
-          name: str, conv_op: models.ConvOp, groups: int = 1) -> nn.Conv:
-  """A bias-free conv with PyTorch padding ``kernel_size // 2`` per side."""
-  pad = kernel_size // 2
-  return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)), feature_group_count=groups,
-      use_bias=False, dtype=dtype, kernel_init=models.conv_kernel_init,
-      conv_general_dilated=conv_op, name=name)
-
-
-def _batch_norm(train: bool, axis_name: str | None, dtype: Any,
-                name: str) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults, as :mod:`train.models`."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, axis_name=axis_name, dtype=dtype,
-                      name=name)
 
 
 class InvertedResidual(nn.Module):
@@ -188,15 +141,18 @@ class InvertedResidual(nn.Module):
     hidden = x.shape[-1] * self.expansion
     y = x
     if self.expansion != 1:
-      y = _conv(hidden, 1, 1, self.dtype, "expand", op)(y)
-      y = _batch_norm(train, self.axis_name, self.dtype, "expand_bn")(y)
+      y = models.conv(hidden, 1, 1, self.dtype, "expand", op)(y)
+      y = models.batch_norm(train, self.axis_name, self.dtype,
+                            "expand_bn")(y)
       y = nn.relu6(y)
-    y = _conv(hidden, 3, self.strides, self.dtype, "depthwise", op,
-              groups=hidden)(y)
-    y = _batch_norm(train, self.axis_name, self.dtype, "depthwise_bn")(y)
+    y = models.conv(hidden, 3, self.strides, self.dtype, "depthwise", op,
+                    groups=hidden)(y)
+    y = models.batch_norm(train, self.axis_name, self.dtype,
+                          "depthwise_bn")(y)
     y = nn.relu6(y)
-    y = _conv(self.features, 1, 1, self.dtype, "project", op)(y)
-    y = _batch_norm(train, self.axis_name, self.dtype, "project_bn")(y)
+    y = models.conv(self.features, 1, 1, self.dtype, "project", op)(y)
+    y = models.batch_norm(train, self.axis_name, self.dtype,
+                          "project_bn")(y)
     if self.strides == 1 and x.shape[-1] == self.features:
       y = y + x
     return y
@@ -267,29 +223,16 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.typing.ArrayLike, train: bool = False) -> jax.Array:
-    """Computes logits.
+    """Float32 logits ``(batch, num_classes)`` of NHWC images ``x``.
 
-    Args:
-      x: images, NHWC, shape (batch, height, width, channels).
-      train: use batch statistics and update ``batch_stats`` (call ``apply``
-        with ``mutable=['batch_stats']``); False uses the running statistics.
-
-    Returns:
-      float32 logits of shape (batch, num_classes).
-
-    Raises:
-      ValueError: for an inconsistent configuration or a non-4D input.
+    Args, Returns and Raises as :meth:`train.models.ResNet.__call__`.
     """
     self._check_config()
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-      raise ValueError(
-          f"expected NHWC images (4 dims), got shape {x.shape}; add the batch "
-          "and channel axes")
+    x = models.nhwc_images(x)
     op = self.conv_general_dilated
-    x = _conv(self.stem_width, 3, self.stem_strides, self.dtype, "stem_conv",
-              op)(x)
-    x = _batch_norm(train, self.axis_name, self.dtype, "stem_bn")(x)
+    x = models.conv(self.stem_width, 3, self.stem_strides, self.dtype,
+                    "stem_conv", op)(x)
+    x = models.batch_norm(train, self.axis_name, self.dtype, "stem_bn")(x)
     x = nn.relu6(x)
     k = 0
     for width, blocks, strides, expansion in zip(
@@ -301,8 +244,8 @@ class MobileNetV2(nn.Module):
             width, expansion, strides=strides if j == 0 else 1,
             axis_name=self.axis_name, dtype=self.dtype,
             conv_general_dilated=op, name=f"block{k}")(x, train=train)
-    x = _conv(self.head_width, 1, 1, self.dtype, "head_conv", op)(x)
-    x = _batch_norm(train, self.axis_name, self.dtype, "head_bn")(x)
+    x = models.conv(self.head_width, 1, 1, self.dtype, "head_conv", op)(x)
+    x = models.batch_norm(train, self.axis_name, self.dtype, "head_bn")(x)
     x = nn.relu6(x)
     # Global average pool, accumulated in float32 whatever the compute dtype.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -57,7 +57,10 @@ __all__ = [
     "ResNet18",
     "ResNet20",
     "STEMS",
+    "batch_norm",
+    "conv",
     "get_model",
+    "nhwc_images",
 ]
 
 STEMS = ("cifar", "imagenet")
@@ -72,17 +75,22 @@ dense_kernel_init = nn.initializers.variance_scaling(
 """PyTorch ``nn.Linear`` default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
 
 
-def _conv(
+def conv(
     features: int, kernel_size: int, strides: int, dtype: Any, name: str,
-    conv_op: ConvOp = None,
+    conv_op: ConvOp = None, groups: int = 1,
 ) -> nn.Conv:
-  """A bias-free conv with PyTorch padding ``kernel_size // 2`` on each side."""
+  """A bias-free conv with PyTorch padding ``kernel_size // 2`` on each side.
+
+  He-normal ``fan_out`` kernel init; ``groups`` is ``feature_group_count``
+  (the input channels for a depthwise conv).
+  """
   pad = kernel_size // 2
   return nn.Conv(
       features,
       (kernel_size, kernel_size),
       strides=(strides, strides),
       padding=((pad, pad), (pad, pad)),
+      feature_group_count=groups,
       use_bias=False,
       dtype=dtype,
       kernel_init=conv_kernel_init,
@@ -91,7 +99,7 @@ def _conv(
   )
 
 
-def _batch_norm(
+def batch_norm(
     train: bool, axis_name: str | None, dtype: Any, name: str
 ) -> nn.BatchNorm:
   """BatchNorm with PyTorch defaults (its momentum 0.1 is 0.9 here)."""
@@ -103,6 +111,17 @@ def _batch_norm(
       dtype=dtype,
       name=name,
   )
+
+
+def nhwc_images(x: jax.typing.ArrayLike) -> jax.Array:
+  """``x`` as an array; a ValueError unless it has 4 dims (NHWC images)."""
+  x = jnp.asarray(x)
+  if x.ndim != 4:
+    raise ValueError(
+        f"expected NHWC images (4 dims), got shape {x.shape}; add the batch "
+        "and channel axes"
+    )
+  return x
 
 
 class BasicBlock(nn.Module):
@@ -130,17 +149,17 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the block to NHWC ``x``; ``train`` uses batch statistics."""
-    y = _conv(self.features, 3, self.strides, self.dtype, "conv1",
-              self.conv_general_dilated)(x)
-    y = _batch_norm(train, self.axis_name, self.dtype, "bn1")(y)
+    y = conv(self.features, 3, self.strides, self.dtype, "conv1",
+             self.conv_general_dilated)(x)
+    y = batch_norm(train, self.axis_name, self.dtype, "bn1")(y)
     y = nn.relu(y)
-    y = _conv(self.features, 3, 1, self.dtype, "conv2",
-              self.conv_general_dilated)(y)
-    y = _batch_norm(train, self.axis_name, self.dtype, "bn2")(y)
+    y = conv(self.features, 3, 1, self.dtype, "conv2",
+             self.conv_general_dilated)(y)
+    y = batch_norm(train, self.axis_name, self.dtype, "bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.strides, self.dtype,
-                "shortcut_conv", self.conv_general_dilated)(x)
-      x = _batch_norm(train, self.axis_name, self.dtype, "shortcut_bn")(x)
+      x = conv(self.features, 1, self.strides, self.dtype,
+               "shortcut_conv", self.conv_general_dilated)(x)
+      x = batch_norm(train, self.axis_name, self.dtype, "shortcut_bn")(x)
     return nn.relu(y + x)
 
 
@@ -208,19 +227,14 @@ class ResNet(nn.Module):
       ValueError: for an inconsistent configuration or a non-4D input.
     """
     self._check_config()
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-      raise ValueError(
-          f"expected NHWC images (4 dims), got shape {x.shape}; add the batch "
-          "and channel axes"
-      )
+    x = nhwc_images(x)
     if self.stem == "imagenet":
-      x = _conv(self.stem_width, 7, 2, self.dtype, "stem_conv",
-                self.conv_general_dilated)(x)
+      x = conv(self.stem_width, 7, 2, self.dtype, "stem_conv",
+               self.conv_general_dilated)(x)
     else:
-      x = _conv(self.stem_width, 3, 1, self.dtype, "stem_conv",
-                self.conv_general_dilated)(x)
-    x = _batch_norm(train, self.axis_name, self.dtype, "stem_bn")(x)
+      x = conv(self.stem_width, 3, 1, self.dtype, "stem_conv",
+               self.conv_general_dilated)(x)
+    x = batch_norm(train, self.axis_name, self.dtype, "stem_bn")(x)
     x = nn.relu(x)
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -136,11 +136,7 @@ class ViT(nn.Module):
       ValueError: for an inconsistent configuration or a non-4D input.
     """
     del train  # No dropout, no batch statistics.
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-      raise ValueError(
-          f"expected NHWC images (4 dims), got shape {x.shape}; add the batch "
-          "and channel axes")
+    x = models.nhwc_images(x)
     self._check_config(x.shape)
     p = self.patch_size
     x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
