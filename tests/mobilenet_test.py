@@ -7,13 +7,13 @@ import functools
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import base
 from gdnsq_jax import interception
+from tests import model_setup
 from train import mobilenet
 from train import train_lib
 
@@ -50,22 +50,14 @@ def _small_variables():
   return jax.jit(SMALL.init)(INIT_KEY, SMALL_BATCH)
 
 
-def _abstract(model, shape=(1, 28, 28, 1)):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 class LayoutTest(parameterized.TestCase):
 
   def test_parameter_count(self):
-    params = _abstract(mobilenet.MobileNetV2())["params"]
-    self.assertEqual(_count(params), PARAMS)
+    params = model_setup.abstract_variables(mobilenet.MobileNetV2())["params"]
+    self.assertEqual(model_setup.param_count(params), PARAMS)
 
   def test_module_names_and_kernel_shapes(self):
-    params = _abstract(mobilenet.MobileNetV2())["params"]
+    params = model_setup.abstract_variables(mobilenet.MobileNetV2())["params"]
     self.assertSameElements(
         params, ["stem_conv", "stem_bn", *BLOCKS, "head_conv", "head_bn",
                  "classifier"])
@@ -91,7 +83,7 @@ class LayoutTest(parameterized.TestCase):
     _, state = jax.eval_shape(
         lambda v, x: model.apply(v, x, mutable=["intermediates"],
                                  capture_intermediates=True),
-        _abstract(model), jnp.zeros(shape))
+        model_setup.abstract_variables(model), jnp.zeros(shape))
     acts = state["intermediates"]
     self.assertEqual(acts["stem_conv"]["__call__"][0].shape, (1, 14, 14, 16))
     sizes = [14, 7, 7, 4, 4, 4]
@@ -101,7 +93,7 @@ class LayoutTest(parameterized.TestCase):
 
   def test_output_shape_and_dtypes(self):
     model = mobilenet.MobileNetV2(num_classes=7, dtype=jnp.bfloat16)
-    variables = _abstract(model, (2, 28, 28, 1))
+    variables = model_setup.abstract_variables(model, (2, 28, 28, 1))
     for leaf in jax.tree.leaves(variables):
       self.assertEqual(leaf.dtype, jnp.float32)
     logits, updates = jax.eval_shape(
@@ -205,9 +197,7 @@ class ComputationTest(chex.TestCase):
     value, grads = self.variant(jax.value_and_grad(loss))(variables["params"])
     want = loss(variables["params"])
     chex.assert_trees_all_close(value, want, atol=1e-5, rtol=1e-5)
-    for path, g in flax.traverse_util.flatten_dict(grads).items():
-      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), msg=str(path))
-      self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0, msg=str(path))
+    model_setup.assert_gradients_finite_and_nonzero(self, grads)
 
 
 class DepthwiseOpTest(chex.TestCase):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests import model_setup
 from train import models
 
 # ResNet-20 (pytorchcv resnet20_cifar10), 10 classes, counted by hand.
@@ -51,20 +52,12 @@ def _small_variables():
   return jax.jit(SMALL_DIGITS.init)(INIT_KEY, SMALL_BATCH)
 
 
-def _param_count(params) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
 def _conv_kernel_shapes(params) -> collections.Counter:
   """Counts conv kernels by (kh, kw) from the flattened params tree."""
   flat = flax.traverse_util.flatten_dict(params)
   return collections.Counter(
       v.shape[:2] for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 4
   )
-
-
-def _abstract_variables(model, shape):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
 
 
 class LayoutTest(parameterized.TestCase):
@@ -75,8 +68,9 @@ class LayoutTest(parameterized.TestCase):
       ("digits", "digits_resnet", 10, (1, 28, 28, 1), DIGITS_PARAMS),
   )
   def test_parameter_count(self, name, num_classes, shape, expected):
-    variables = _abstract_variables(models.get_model(name, num_classes), shape)
-    self.assertEqual(_param_count(variables["params"]), expected)
+    variables = model_setup.abstract_variables(
+        models.get_model(name, num_classes), shape)
+    self.assertEqual(model_setup.param_count(variables["params"]), expected)
 
   @parameterized.named_parameters(
       # stem + 18 block convs (3x3) + 2 shortcut convs (1x1).
@@ -89,11 +83,13 @@ class LayoutTest(parameterized.TestCase):
        {(3, 3): 1 + 6, (1, 1): 2}),
   )
   def test_conv_count_by_kind(self, name, num_classes, shape, expected):
-    variables = _abstract_variables(models.get_model(name, num_classes), shape)
+    variables = model_setup.abstract_variables(
+        models.get_model(name, num_classes), shape)
     self.assertEqual(dict(_conv_kernel_shapes(variables["params"])), expected)
 
   def test_resnet20_module_names(self):
-    params = _abstract_variables(models.ResNet20(), (1, 32, 32, 3))["params"]
+    params = model_setup.abstract_variables(
+        models.ResNet20(), (1, 32, 32, 3))["params"]
     blocks = [f"stage{i}_block{j}" for i in (1, 2, 3) for j in (1, 2, 3)]
     self.assertSameElements(
         params, ["stem_conv", "stem_bn", "classifier"] + blocks
@@ -119,7 +115,7 @@ class LayoutTest(parameterized.TestCase):
        (2, 32, 32, 3), (2, 100)),
   )
   def test_output_shape(self, model, shape, expected):
-    variables = _abstract_variables(model, shape)
+    variables = model_setup.abstract_variables(model, shape)
     out = jax.eval_shape(
         lambda v, x: model.apply(v, x), variables, jnp.zeros(shape)
     )
@@ -127,7 +123,8 @@ class LayoutTest(parameterized.TestCase):
     self.assertEqual(out.dtype, jnp.float32)
 
   def test_batch_stats_collection(self):
-    variables = _abstract_variables(models.ResNet20(), (1, 32, 32, 3))
+    variables = model_setup.abstract_variables(
+        models.ResNet20(), (1, 32, 32, 3))
     stats = variables["batch_stats"]
     self.assertSetEqual(set(stats["stem_bn"]), {"mean", "var"})
     self.assertEqual(stats["stage3_block1"]["shortcut_bn"]["var"].shape, (64,))
@@ -254,7 +251,7 @@ class PaddingTest(parameterized.TestCase):
   def test_resnet18_feature_sizes(self):
     model = models.ResNet18()
     shape = (1, 224, 224, 3)
-    variables = _abstract_variables(model, shape)
+    variables = model_setup.abstract_variables(model, shape)
     _, state = jax.eval_shape(
         lambda v, x: model.apply(
             v, x, mutable=["intermediates"], capture_intermediates=True
@@ -330,7 +327,7 @@ class DtypeAndSpeedTest(parameterized.TestCase):
   )
   def test_bfloat16_compute(self, cls, shape):
     model = cls(dtype=jnp.bfloat16)
-    variables = _abstract_variables(model, shape)
+    variables = model_setup.abstract_variables(model, shape)
     for leaf in jax.tree.leaves(variables):
       self.assertEqual(leaf.dtype, jnp.float32)
     out = jax.eval_shape(
@@ -374,9 +371,7 @@ class DtypeAndSpeedTest(parameterized.TestCase):
     elapsed = time.perf_counter() - start
     # Typically ~10 ms on two cores; 2 s leaves room for a loaded machine.
     self.assertLess(elapsed, 2.0)
-    for path, g in flax.traverse_util.flatten_dict(grads).items():
-      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), msg=str(path))
-      self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0, msg=str(path))
+    model_setup.assert_gradients_finite_and_nonzero(self, grads)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import base
 from gdnsq_jax import interception
+from tests import model_setup
 from tests import tiny_setup
 from train import train_lib
 from train import vit
@@ -43,27 +43,19 @@ def _small_variables():
   return jax.jit(SMALL.init)(INIT_KEY, SMALL_BATCH)
 
 
-def _abstract(model, shape=(1, 28, 28, 1)):
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 class LayoutTest(parameterized.TestCase):
 
   def test_parameter_count(self):
-    variables = _abstract(vit.ViT())
+    variables = model_setup.abstract_variables(vit.ViT())
     self.assertSetEqual(set(variables), {"params"})  # no batch_stats
-    self.assertEqual(_count(variables["params"]), PARAMS)
+    self.assertEqual(model_setup.param_count(variables["params"]), PARAMS)
     # A cls token adds one token's embedding and its position: 2 * 64.
-    cls = _abstract(vit.ViT(pool="cls"))["params"]
-    self.assertEqual(_count(cls), PARAMS + 128)
+    cls = model_setup.abstract_variables(vit.ViT(pool="cls"))["params"]
+    self.assertEqual(model_setup.param_count(cls), PARAMS + 128)
     self.assertEqual(cls["position_embedding"].shape, (1, 17, 64))
 
   def test_module_names_and_kernel_shapes(self):
-    params = _abstract(vit.ViT())["params"]
+    params = model_setup.abstract_variables(vit.ViT())["params"]
     self.assertSameElements(
         params, ["patch_embedding", "position_embedding", "encoder_block1",
                  "encoder_block2", "encoder_norm", "classifier"])
@@ -84,12 +76,12 @@ class LayoutTest(parameterized.TestCase):
   @parameterized.named_parameters(("patch4", 4, 49), ("patch7", 7, 16))
   def test_tokens(self, patch_size, tokens):
     model = vit.ViT(patch_size=patch_size)
-    params = _abstract(model)["params"]
+    params = model_setup.abstract_variables(model)["params"]
     self.assertEqual(params["position_embedding"].shape, (1, tokens, 64))
 
   def test_output_shape_and_dtypes(self):
     model = vit.ViT(num_classes=7, dtype=jnp.bfloat16)
-    variables = _abstract(model, (2, 28, 28, 1))
+    variables = model_setup.abstract_variables(model, (2, 28, 28, 1))
     for leaf in jax.tree.leaves(variables):
       self.assertEqual(leaf.dtype, jnp.float32)
     logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=True),
@@ -174,9 +166,7 @@ class ComputationTest(chex.TestCase):
     value, grads = self.variant(jax.value_and_grad(loss))(variables["params"])
     chex.assert_trees_all_close(value, loss(variables["params"]), atol=1e-5,
                                 rtol=1e-5)
-    for path, g in flax.traverse_util.flatten_dict(grads).items():
-      self.assertTrue(bool(jnp.all(jnp.isfinite(g))), msg=str(path))
-      self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0, msg=str(path))
+    model_setup.assert_gradients_finite_and_nonzero(self, grads)
 
 
 def nn_gelu(x):
