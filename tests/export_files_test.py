@@ -40,6 +40,14 @@ class FilesTest(parameterized.TestCase):
   def _path(self, name):
     return os.path.join(self.dir, name)
 
+  def _truncate(self, name, size):
+    with open(self._path(name), "r+b") as f:
+      f.truncate(size)
+
+  def _assert_load_fails(self, regex):
+    with self.assertRaisesRegex(export_files.ExportFormatError, regex):
+      export_files.load_export(self.dir)
+
   def test_round_trip(self):
     loaded = export_files.load_export(self.dir)
     self.assertEqual(loaded.manifest["layers"], self.export.manifest["layers"])
@@ -47,11 +55,8 @@ class FilesTest(parameterized.TestCase):
     self.assertEqual(export_files.read_stablehlo(self.dir), b"hlo bytes")
 
   def test_truncated_arrays_file(self):
-    with open(self._path("arrays.npz"), "r+b") as f:
-      f.truncate(100)
-    with self.assertRaisesRegex(export_files.ExportFormatError,
-                                "arrays.npz.*truncated"):
-      export_files.load_export(self.dir)
+    self._truncate("arrays.npz", 100)
+    self._assert_load_fails("arrays.npz.*truncated")
 
   def test_corrupt_arrays_file(self):
     with open(self._path("arrays.npz"), "r+b") as f:
@@ -59,15 +64,11 @@ class FilesTest(parameterized.TestCase):
       byte = f.read(1)
       f.seek(200)
       f.write(bytes([byte[0] ^ 0xFF]))
-    with self.assertRaisesRegex(export_files.ExportFormatError, "corrupt"):
-      export_files.load_export(self.dir)
+    self._assert_load_fails("corrupt")
 
   def test_truncated_manifest(self):
-    with open(self._path("manifest.json"), "r+b") as f:
-      f.truncate(50)
-    with self.assertRaisesRegex(export_files.ExportFormatError,
-                                "not valid JSON"):
-      export_files.load_export(self.dir)
+    self._truncate("manifest.json", 50)
+    self._assert_load_fails("not valid JSON")
 
   def test_manifest_that_disagrees_with_arrays(self):
     with open(self._path("manifest.json")) as f:
@@ -75,13 +76,10 @@ class FilesTest(parameterized.TestCase):
     manifest["layers"][0]["weight_bits"] = 8  # 54 codes would need 54 bytes
     with open(self._path("manifest.json"), "w") as f:
       json.dump(manifest, f)
-    with self.assertRaisesRegex(export_files.ExportFormatError,
-                                "weight_codes: 27 bytes.*need 54"):
-      export_files.load_export(self.dir)
+    self._assert_load_fails("weight_codes: 27 bytes.*need 54")
 
   def test_missing_and_truncated_stablehlo(self):
-    with open(self._path("model.stablehlo"), "r+b") as f:
-      f.truncate(3)
+    self._truncate("model.stablehlo", 3)
     with self.assertRaisesRegex(export_files.ExportFormatError, "truncated"):
       export_files.read_stablehlo(self.dir)
     os.remove(self._path("model.stablehlo"))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -23,9 +25,6 @@ from tests import layer_setup
 from train import models
 
 EVAL = export_setup.EVAL
-
-
-import functools
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,6 +83,28 @@ class ResNetIntegerInferenceTest(parameterized.TestCase):
       self.assertLess(max(map(float, layer_errors.values())), 1e-5)
 
 
+def _export_calibrated(model, x, **bits):
+  """``model`` with stem and classifier quantized, calibrated on x, exported."""
+  settings = layers.QuantSettings(calibration_bits=3, **bits)
+  qmodel = interception.quantize_model(
+      model, x, settings=settings, train=False,
+      rules={"quantize_stem": True, "quantize_classifier": True})
+  variables = qmodel.init(jax.random.key(0), x, train=False)
+  variables = calibration.calibrate(qmodel, variables, [x],
+                                    apply_kwargs=EVAL).variables
+  export = export_lib.export_model(qmodel, variables, x.shape[1:],
+                                   apply_kwargs=EVAL)
+  return qmodel, variables, export
+
+
+def _assert_integer_equals_fake_quant(model, qmodel, variables, export, x):
+  reference = qmodel.apply(variables, x, **EVAL)
+  logits = jax.jit(
+      lambda x: integer_inference.integer_apply(model, export, x))(x)
+  scale = float(jnp.abs(reference).max())
+  chex.assert_trees_all_close(logits, reference, atol=1e-5 * scale)
+
+
 class OddGeometryNet(nn.Module):
   """Grouped strided SAME, circular dilated, input-dilated padded convs."""
 
@@ -108,20 +129,8 @@ class GeometryTest(parameterized.TestCase):
   def test_integer_inference_equals_fake_quant(self, **bits):
     model = OddGeometryNet()
     x = jax.random.normal(jax.random.key(5), (3, 7, 7, 2))
-    settings = layers.QuantSettings(calibration_bits=3, **bits)
-    qmodel = interception.quantize_model(
-        model, x, settings=settings, train=False,
-        rules={"quantize_stem": True, "quantize_classifier": True})
-    variables = qmodel.init(jax.random.key(0), x, train=False)
-    variables = calibration.calibrate(qmodel, variables, [x],
-                                      apply_kwargs=EVAL).variables
-    export = export_lib.export_model(qmodel, variables, (7, 7, 2),
-                                     apply_kwargs=EVAL)
-    reference = qmodel.apply(variables, x, **EVAL)
-    logits = jax.jit(
-        lambda x: integer_inference.integer_apply(model, export, x))(x)
-    scale = float(jnp.abs(reference).max())
-    chex.assert_trees_all_close(logits, reference, atol=1e-5 * scale)
+    qmodel, variables, export = _export_calibrated(model, x, **bits)
+    _assert_integer_equals_fake_quant(model, qmodel, variables, export, x)
     quantized_widths = [(e["weight_bits"], e["activation_bits"])
                         for e in export.layers]
     self.assertEqual(quantized_widths, [(
@@ -153,15 +162,7 @@ class DenseLikeTest(parameterized.TestCase):
   def test_integer_inference_equals_fake_quant(self, **bits):
     model = DenseLikeNet()
     x = jax.random.normal(jax.random.key(6), (3, 4, 4, 2))
-    settings = layers.QuantSettings(calibration_bits=3, **bits)
-    qmodel = interception.quantize_model(
-        model, x, settings=settings, train=False,
-        rules={"quantize_stem": True, "quantize_classifier": True})
-    variables = qmodel.init(jax.random.key(0), x, train=False)
-    variables = calibration.calibrate(qmodel, variables, [x],
-                                      apply_kwargs=EVAL).variables
-    export = export_lib.export_model(qmodel, variables, (4, 4, 2),
-                                     apply_kwargs=EVAL)
+    qmodel, variables, export = _export_calibrated(model, x, **bits)
     self.assertEqual([e["kind"] for e in export.layers],
                      ["conv", "dense_general", "einsum", "dense_general",
                       "einsum"])
@@ -169,11 +170,7 @@ class DenseLikeTest(parameterized.TestCase):
       steps = [export.layer_arrays(e["path"])["weight_step"].shape
                for e in export.layers]
       self.assertEqual(steps, [(4,), (2, 3), (5,), (6,), (4, 1)])
-    reference = qmodel.apply(variables, x, **EVAL)
-    logits = jax.jit(
-        lambda x: integer_inference.integer_apply(model, export, x))(x)
-    scale = float(jnp.abs(reference).max())
-    chex.assert_trees_all_close(logits, reference, atol=1e-5 * scale)
+    _assert_integer_equals_fake_quant(model, qmodel, variables, export, x)
     errors = export_verification.compare_layers(qmodel, variables, export, x)
     self.assertLen(errors, 5)
     self.assertLess(max(map(float, errors.values())), 1e-5)
