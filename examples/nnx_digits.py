@@ -41,26 +41,33 @@ from train import input_pipeline
 
 
 class DigitsCNN(nnx.Module):
-  """conv-BN-ReLU x4 (two strided), global pool, dropout, dense-ReLU, dense."""
+  """A plain CNN for the digits, written with stock NNX layers only.
+
+  conv-BN-ReLU stem, three stages of two conv-BN-ReLU (16, 32, 64 channels,
+  stride 2 into stages 2 and 3), global average pool, dropout, linear.
+  """
 
   def __init__(self, rngs: nnx.Rngs, width: int = 16, classes: int = 10):
     conv = lambda i, o, s=1: nnx.Conv(i, o, (3, 3), strides=s,
                                       use_bias=False, rngs=rngs)
     norm = lambda c: nnx.BatchNorm(c, momentum=0.9, rngs=rngs)  # PyTorch's
     self.stem, self.stem_bn = conv(1, width), norm(width)
-    self.conv1, self.bn1 = conv(width, width), norm(width)
-    self.conv2, self.bn2 = conv(width, 2 * width, 2), norm(2 * width)
-    self.conv3, self.bn3 = conv(2 * width, 4 * width, 2), norm(4 * width)
+    self.convs, self.norms = nnx.List(), nnx.List()
+    channels = width
+    for stage in range(3):
+      out = width * 2**stage
+      for block in range(2):
+        self.convs.append(conv(channels, out, 2 if stage and not block else 1))
+        self.norms.append(norm(out))
+        channels = out
     self.dropout = nnx.Dropout(0.1, rngs=rngs)
-    self.hidden = nnx.Linear(4 * width, 4 * width, rngs=rngs)
-    self.classifier = nnx.Linear(4 * width, classes, rngs=rngs)
+    self.classifier = nnx.Linear(channels, classes, rngs=rngs)
 
   def __call__(self, x):
-    for conv, bn in ((self.stem, self.stem_bn), (self.conv1, self.bn1),
-                     (self.conv2, self.bn2), (self.conv3, self.bn3)):
-      x = nnx.relu(bn(conv(x)))
-    x = self.dropout(jnp.mean(x, axis=(1, 2)))
-    return self.classifier(nnx.relu(self.hidden(x)))
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    for conv, norm in zip(self.convs, self.norms):
+      x = nnx.relu(norm(conv(x)))
+    return self.classifier(self.dropout(jnp.mean(x, axis=(1, 2))))
 
 
 def _split(dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
