@@ -5,9 +5,10 @@ The step gradient of a quantizer takes a Rademacher dither ``rho``
 quantized array. No quantizer draws it with the PRNG: the training step
 passes one key per step, each quantizer xors that key with a static hash of
 its module path and call count (:func:`quantizer_id`, :func:`dither_key`),
-and its backward hashes (key, element index // 32) into a word whose bits are
-the signs of 32 consecutive elements (:func:`dither_values`): integer arithmetic that XLA fuses into the pass
-that uses ``rho``, with the same draw for the same key (resume).
+and its backward hashes (key, element index // 32) into a word whose bits
+are the signs of 32 consecutive elements (:func:`dither_values`): integer
+arithmetic that XLA fuses into the pass that uses ``rho``, with the same
+draw for the same key (resume).
 
 How the dither enters the gradients (the ``pure`` option included) is the
 backward of :func:`gdnsq_jax.quantizers.rounding_noise` and of
@@ -66,12 +67,8 @@ def validate_dither(dither: str) -> str:
 _MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
-def _mix32(x, final_shift: bool = True):
-  """lowbias32 on uint32 arrays, or on Python ints (at trace time).
-
-  ``final_shift=False`` skips the last ``x ^= x >> 16``, which leaves the
-  top bit (the only one the dither reads) unchanged.
-  """
+def _mix32(x):
+  """lowbias32 on uint32 arrays, or on Python ints (at trace time)."""
   m0, m1 = _MIX_MULTIPLIERS
   if isinstance(x, int):
     x &= 0xFFFFFFFF
@@ -79,12 +76,12 @@ def _mix32(x, final_shift: bool = True):
     x = (x * m0) & 0xFFFFFFFF
     x ^= x >> 15
     x = (x * m1) & 0xFFFFFFFF
-    return x ^ (x >> 16) if final_shift else x
+    return x ^ (x >> 16)
   x = x ^ (x >> 16)
   x = x * jnp.uint32(m0)
   x = x ^ (x >> 15)
   x = x * jnp.uint32(m1)
-  return x ^ (x >> 16) if final_shift else x
+  return x ^ (x >> 16)
 
 
 def _key_words(key) -> tuple[jax.Array, jax.Array]:
@@ -139,7 +136,8 @@ def dither_key(key: jax.Array, quantizer_id: int) -> jax.Array:
 
 
 _WORD_BITS = 32
-"""Signs per hash word: element ``i`` reads bit ``i % 32`` of word ``i // 32``."""
+"""Signs per hash word: element ``i`` reads bit ``i % 32`` of word
+``i // 32``."""
 
 
 def dither_values(
@@ -185,10 +183,11 @@ def dither_values(
   size = math.prod(shape)
   static = isinstance(index_offset, int)
   if static:  # the word of element 0 and the bit it starts at
-    first, skip = (index_offset // _WORD_BITS) % 2**32, index_offset % _WORD_BITS
+    first = (index_offset // _WORD_BITS) % 2**32
+    skip = index_offset % _WORD_BITS
   else:
     offset = jnp.asarray(index_offset, jnp.uint32)
-    first, skip = offset >> 5, offset & jnp.uint32(_WORD_BITS - 1)
+    first, skip = offset // _WORD_BITS, offset % _WORD_BITS
   # One more word when the block does not start on a word boundary.
   count = -(-size // _WORD_BITS) + (0 if static and skip == 0 else 1)
   words = lax.iota(jnp.uint32, count) + jnp.asarray(first, jnp.uint32)
