@@ -79,7 +79,7 @@ class ResultsTableTest(absltest.TestCase):
     with open(os.path.join(self.run_dir, "export", "manifest.json"),
               "w") as f:
       json.dump(manifest, f)
-    blocks = {name: results_table._markers(name)
+    blocks = {name: results_table.markers(name)
               for name in ("bitwidths", "export-summary")}
     with open(self.readme, "a") as f:
       for start, end in blocks.values():

@@ -30,7 +30,7 @@ class ReadmeResultsTest(absltest.TestCase):
     with open(_README) as f:
       readme = f.read()
     for name, _, _ in results_table.BLOCKS:  # every block is in the README
-      self.assertIn(results_table._markers(name)[0], readme)
+      self.assertIn(results_table.markers(name)[0], readme)
 
   def test_the_committed_run_is_the_default_configuration(self):
     with open(os.path.join(_RUN, "config.json")) as f:
