@@ -10,7 +10,9 @@ mis-shaped keys instead of a deep Orbax traceback.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from absl import logging
 
 import jax
 import numpy as np
@@ -129,6 +131,28 @@ class StateCheckpointer:
 
   def save(self, step: int, state: Any) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def save_if_new(self, step: int, state: Any) -> None:
+    """Saves ``step`` unless it is already the latest checkpoint.
+
+    The final or preempted step of a loop, which the periodic saves may
+    have written already.
+    """
+    if self.latest_step() != step:
+      self.save(step, state)
+
+  def restore_latest(self, abstract: Callable[[], Any]) -> Optional[Any]:
+    """The latest checkpoint restored into ``abstract()``, or None if none.
+
+    ``abstract`` builds the target structure (e.g. with ``jax.eval_shape``)
+    and is only called when there is a checkpoint to restore.
+    """
+    latest = self.latest_step()
+    if latest is None:
+      return None
+    state = self.restore(latest, abstract())
+    logging.info("resumed from %s", self.step_dir(latest))
+    return state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -337,9 +337,8 @@ def fit(*, config, qmodel, teacher_model, teacher_variables, loop_state, tx,
     step = int(jax.device_get(loop_state.train.step))
     loop_state = with_data_position(loop_state, batches.position, mesh)
   preempted = guard is not None and guard.stopped_at == step
-  if ((step == c.num_steps or preempted)
-      and checkpoints.latest_step() != step):
-    checkpoints.save(step, loop_state)
+  if step == c.num_steps or preempted:
+    checkpoints.save_if_new(step, loop_state)
   checkpoints.wait()
   bar.close()
   if preempted:

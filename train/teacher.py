@@ -125,14 +125,12 @@ def train_fp(
       os.path.join(workdir, TEACHER_STATE_SUBDIR),
       max_to_keep=config.train.max_checkpoints_to_keep)
   try:
-    latest = checkpoints.latest_step()
-    if latest is None:
-      loop_state = initial_loop_state(config, model, dataset.image_shape, tx)
-    else:
-      loop_state = checkpoints.restore(latest, jax.eval_shape(
-          lambda: initial_loop_state(config, model, dataset.image_shape,
-                                     tx)))
-      logging.info("FP teacher: resumed from %s", checkpoints.step_dir(latest))
+    initial = functools.partial(initial_loop_state, config, model,
+                                dataset.image_shape, tx)
+    loop_state = checkpoints.restore_latest(
+        functools.partial(jax.eval_shape, initial))
+    if loop_state is None:
+      loop_state = initial()
     loop_state = sharding.replicate(loop_state, mesh)
     first, epoch, batch = (int(v) for v in jax.device_get(
         (loop_state.train.step, loop_state.epoch, loop_state.batch)))
@@ -152,8 +150,8 @@ def train_fp(
                                        checkpoints, batches, mesh),
           guard=guard)
       step = int(jax.device_get(loop_state.train.step))
-      if stopped and checkpoints.latest_step() != step:
-        checkpoints.save(step, loop.with_data_position(
+      if stopped:
+        checkpoints.save_if_new(step, loop.with_data_position(
             loop_state, batches.position, mesh))
     checkpoints.wait()
     bar.close()

@@ -300,12 +300,9 @@ def quantize(config, workdir, model, fp_variables, dataset, mesh, writer,
   # interrupted run continues exactly: params, optimizer and schedule state,
   # data position, RNG, early-stopping counters); (2) otherwise a fresh,
   # calibrated state from the FP teacher variables.
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    target = _abstract_loop_state(config, qmodel, dataset, tx)
-    loop_state = checkpoints.restore(latest, target)
-    logging.info("resumed from %s", checkpoints.step_dir(latest))
-  else:
+  loop_state = checkpoints.restore_latest(
+      lambda: _abstract_loop_state(config, qmodel, dataset, tx))
+  if loop_state is None:
     loop_state = loop.LoopState.initial(
         _fresh_state(config, qmodel, fp_variables, dataset, mesh, tx),
         make_early_stopping(config))
