@@ -115,6 +115,24 @@ class FusedBackwardTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(grads, np.float64), expected,
                                rtol=2e-6)
 
+  @parameterized.parameters(
+      (activation_quantizer._CPU_SUM_BLOCK, (7, 13)),  # padded last block
+      (activation_quantizer._CPU_SUM_BLOCK, (64, 64)),
+      (activation_quantizer._SUM_BLOCK, (7, 13)),
+      (activation_quantizer._SUM_BLOCK, (3, 1000)))
+  def test_blocked_sums_equal_float64_sums(self, block, shape):
+    # The CPU backward sums rows of 8, other platforms rows of 512; both
+    # must give every term's sum to float32 accuracy, padding included.
+    terms = [jax.random.normal(jax.random.key(i), shape) + i
+             for i in range(3)]
+    sums = jax.jit(functools.partial(
+        activation_quantizer._blocked_sums, block=block))(terms)
+    self.assertLen(sums, 3)
+    for total, term in zip(sums, terms):
+      self.assertEqual(total.shape, ())
+      np.testing.assert_allclose(
+          float(total), np.sum(np.asarray(term, np.float64)), rtol=1e-6)
+
   def test_vmap_matches_a_loop(self):
     x, upstream = _inputs(shape=(3, 40))
     params = [jnp.float32(p) for p in PARAMS]
