@@ -210,8 +210,8 @@ def main(argv=None) -> None:
         f"{args.model}, batch {args.batch}, {args.steps} traced steps",
         flush=True)
   for name in args.configs:
-    step, step_args = speed.build_step(name, args.model, variables, batch)
-    hlo = step.lower(*step_args).compile().as_text()
+    run = speed.build_step(name, args.model, variables, batch)
+    hlo = run.compiled_text()
     with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
       f.write(hlo)
     print(f"\n== {name}: executed HLO ops by part", flush=True)
@@ -219,11 +219,11 @@ def main(argv=None) -> None:
     if args.no_trace:
       continue
     for _ in range(3):
-      jax.block_until_ready(step(*step_args))
+      run()
     trace_dir = os.path.join(args.out, f"trace_{name}")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
-        jax.block_until_ready(step(*step_args))
+        run()
     path = sorted(glob.glob(os.path.join(trace_dir, "**",
                                          "perfetto_trace.json.gz"),
                             recursive=True))[-1]

@@ -30,6 +30,22 @@ class PairedRatioTest(absltest.TestCase):
       self.assertIn(kind, {"fp", *speed.DISTILL_KINDS, *speed.QUANT_KINDS},
                     name)
 
+  def test_goal_check_uses_each_reference_goal(self):
+    # 1.10x is within the 1.15x goal against plain FP, not within the
+    # 1.05x goal against the FP distillation step.
+    row = {"model": "m", "config": "w2a2-fast", "wall_s": 0.11,
+           "cpu_s": 0.11, "images_per_s": 1.0, "speedup": None,
+           "host_is_device": True}
+    for label in ("fp", "distill"):
+      for clock in ("wall", "cpu"):
+        row[f"over_{label}_{clock}"] = 1.10
+        row[f"over_{label}_{clock}_spread"] = (1.05, 1.15)
+    text = speed.format_table([row])
+    self.assertIn("w2a2-fast / fp: 1.10 wall [1.05-1.15], 1.10 cpu "
+                  "[1.05-1.15] (goal <= 1.15: met)", text)
+    self.assertIn("w2a2-fast / distill: 1.10 wall [1.05-1.15], 1.10 cpu "
+                  "[1.05-1.15] (goal <= 1.05: not met)", text)
+
 
 if __name__ == "__main__":
   absltest.main()
