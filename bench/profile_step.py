@@ -27,6 +27,7 @@ import re
 import jax
 
 from bench import speed
+from train import host_memory
 
 
 def _instruction_names(hlo_text: str) -> dict[str, str]:
@@ -190,6 +191,7 @@ def summarize_trace(path: str, hlo_text: str, steps: int, top: int = 25):
 
 
 def main(argv=None) -> None:
+  kept = host_memory.keep_freed_memory()  # as train.main does
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,9 +208,9 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   variables, batch = speed.random_inputs(args.model, args.batch)
-  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; "
-        f"{args.model}, batch {args.batch}, {args.steps} traced steps",
-        flush=True)
+  print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
+        f"freed host memory kept: {kept}; {args.model}, batch {args.batch}, "
+        f"{args.steps} traced steps", flush=True)
   for name in args.configs:
     run = speed.build_step(name, args.model, variables, batch)
     hlo = run.compiled_text()

@@ -53,8 +53,9 @@ import numpy as np
 import optax
 
 from configs import w2a2
-from train import cpu_conv as fast_conv
 from gdnsq_jax import interception
+from train import cpu_conv as fast_conv
+from train import host_memory
 from train import loop
 from train import models
 from train import sharding
@@ -401,6 +402,7 @@ def comma_separated_names(text: str, allowed) -> tuple[str, ...]:
 
 
 def main(argv=None) -> None:
+  kept = host_memory.keep_freed_memory()  # as train.main does
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,7 +423,8 @@ def main(argv=None) -> None:
                       "%(default)s)")
   args = parser.parse_args(argv)
   print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
-        f"fast conv enabled: {fast_conv.fast_conv_enabled()}; batch "
+        f"fast conv enabled: {fast_conv.fast_conv_enabled()}, freed host "
+        f"memory kept (train.host_memory): {kept}; batch "
         f"{args.batch}, median of {args.repeats} interleaved steps; ratios: "
         "median [quartiles] of the per-round ratios", flush=True)
   rows = []

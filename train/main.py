@@ -14,6 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from train import host_memory
 from train import sharding
 from train import train_lib
 
@@ -31,6 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()  # before JAX or the input workers start threads
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log every save at INFO; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
