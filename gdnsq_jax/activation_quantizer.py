@@ -12,8 +12,9 @@ For ``ste`` (the default) or ``rounding_error`` the same values come from one fu
 primitive, ``_quantize_clamped``: its backward recomputes the rounding error
 and the dither from the input in two fused passes instead of writing them to
 memory, which cut the quantizers' cost in a CPU train step several fold
-(bench/speed.py); on a CPU its input is written once and its scalar sums run
-in vectorised blocks (:func:`_materialized`, :func:`_sums`). Float32 arithmetic whatever the input dtype.
+(bench/speed.py); on a CPU its input is written once and its scalar sums
+run in vectorised blocks (:func:`_materialized`, :func:`_sums`). Float32
+arithmetic whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _clamped_rounding(x, step, width, low):
   return below, above, c, rounding_error(offset / step)
 
 
-def _materialized(x: jax.Array, flag: jax.Array) -> jax.Array:
+def _materialized(x: jax.Array, anchor: jax.Array) -> jax.Array:
   """``x``, written to memory once on CPU for all its consumers.
 
   XLA:CPU fuses cheap producers into every consumer: the quantizer's input
@@ -69,15 +70,17 @@ def _materialized(x: jax.Array, flag: jax.Array) -> jax.Array:
   recomputed in its forward, its backward and the other users of that
   input, and a sum of padded tap products (a strided conv's input gradient,
   the backward's ``g``) written out as each padded product, several times
-  ``x``'s size. A conditional is a
-  fusion boundary that XLA keeps (it drops ``optimization_barrier`` on
-  CPU); both branches are the identity (``x * 1`` is exact), so ``flag``
-  only has to be data-dependent. Other platforms get ``x`` as it is (a
-  conditional can cost a device-to-host read of ``flag`` there).
+  ``x``'s size. A conditional is a fusion boundary that XLA keeps (it drops
+  ``optimization_barrier`` on CPU); both branches are the identity (``x *
+  1`` is exact), so its predicate only has to be one that XLA cannot fold:
+  a comparison of ``anchor`` (any float scalar of the computation) behind
+  an ``optimization_barrier``. Other platforms get ``x`` as it is (a
+  conditional can cost a device-to-host read of the predicate there).
   """
-  return lax.platform_dependent(
-      x, cpu=lambda x: lax.cond(flag, lambda t: t, lambda t: t * 1.0, x),
-      default=lambda x: x)
+  def write_once(x):
+    flag = lax.optimization_barrier(anchor) >= 0
+    return lax.cond(flag, lambda t: t, lambda t: t * 1.0, x)
+  return lax.platform_dependent(x, cpu=write_once, default=lambda x: x)
 
 
 _SUM_BLOCK = 512  # elements summed in sequence before the tree sum
@@ -136,7 +139,7 @@ def _quantize_clamped_fwd(x, step, width, low, key, estimator, dither):
   # Written once (CPU): XLA would otherwise recompute x's producers (a
   # BatchNorm, a residual add, a ReLU) in each of its consumers here and
   # in the backward.
-  x = _materialized(x, lax.optimization_barrier(step) >= 0)
+  x = _materialized(x, step)
   _, _, c, e = _clamped_rounding(x, step, width, low)
   return c + step * e, (x, step, width, low, key)
 
@@ -146,7 +149,7 @@ def _quantize_clamped_bwd(estimator, dither, residuals, g):
   # Opaque scalars: XLA would otherwise merge the recomputed rounding error
   # with the forward's and keep that array alive until the backward.
   step, width, low = lax.optimization_barrier((step, width, low))
-  g = _materialized(g, step >= 0)
+  g = _materialized(g, step)
   below, above, _, e = _clamped_rounding(x, step, width, low)
   zero = jnp.zeros_like(g)
   at_high = jnp.where(below, zero, jnp.where(above, g, zero))
