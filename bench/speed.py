@@ -4,11 +4,13 @@ Prints one row per (model, configuration): the median wall time of one
 jitted train step on random data (batch of CIFAR-shaped 32x32x3 images for
 ResNet-20, 28x28x1 for the digits ResNet), images per second, the median
 process CPU time of a step (steadier than wall time when other processes
-share the CPU), the speed-up over ``fp-xla`` and, for GDNSQ rows, the GDNSQ
+share the CPU), XLA's count of the step's floating-point operations (GFLOP),
+the speed-up over ``fp-xla`` and, for GDNSQ rows, the GDNSQ
 step-time ratios against the FP step (``/fp``) and against the FP
 distillation step (``/distill``), both with the same conv, by wall and by CPU
-time. Configurations run interleaved (A B C A B C ...) after their warm-up,
-in one process.
+time. The goal check adds the two steps' FLOP ratio: the floor of a
+compute-bound step's time ratio. Configurations run interleaved
+(A B C A B C ...) after their warm-up, in one process.
 
 Configurations:
 
@@ -170,6 +172,20 @@ class StepRun:
     """The optimized HLO of the step."""
     return self.step.lower(*self.args).compile().as_text()
 
+  def flops(self) -> float | None:
+    """XLA's count of the step's floating-point operations, or None.
+
+    From the cost analysis of the step as lowered (before XLA's
+    optimizations, so every convolution, matmul and elementwise op counts
+    once, whatever the backend later fuses); None where the backend gives
+    no count.
+    """
+    analysis = self.step.lower(*self.args).cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one per device
+      analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
 
 def make_fp_step(model, variables, batch) -> StepRun:
   """FP training on labels, SGD + momentum."""
@@ -291,9 +307,10 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
               warmup: int) -> list[dict[str, Any]]:
   """Interleaved timings of ``configs`` for one model; one dict per config."""
   variables, batch = random_inputs(model_name, batch_size)
-  runs = {}
+  runs, flops = {}, {}
   for name in configs:
     runs[name] = build_step(name, model_name, variables, batch)
+    flops[name] = runs[name].flops()
     for _ in range(warmup + 1):  # the first call compiles
       _timed(runs[name])
   times = {name: [] for name in configs}
@@ -306,6 +323,7 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
     cpu = statistics.median(t[1] for t in times[name])
     rows.append({"model": model_name, "config": name, "wall_s": wall,
                  "cpu_s": cpu, "images_per_s": batch_size / wall,
+                 "gflop": flops[name] / 1e9 if flops[name] else None,
                  "host_is_device": jax.default_backend() == "cpu"})
   by_name = {r["config"]: r for r in rows}
   for row in rows:
@@ -324,6 +342,10 @@ def benchmark(model_name: str, configs, batch_size: int, repeats: int,
               [t[i] for t in times[row["config"]]], [t[i] for t in times[ref]])
         row[f"over_{label}_{clock}"] = ratio
         row[f"over_{label}_{clock}_spread"] = spread
+      work = None
+      if kind in QUANT_KINDS and flops.get(ref) and flops[row["config"]]:
+        work = flops[row["config"]] / flops[ref]
+      row[f"over_{label}_flops"] = work
   return rows
 
 
@@ -356,10 +378,12 @@ def format_table(rows) -> str:
   distillation step time (same conv), by wall and by CPU time: the median
   of the per-round ratios (:func:`paired_ratio`), with their quartiles in
   the goal check; that check calls a ratio met when both clocks are within
-  :data:`GOAL_RATIOS` (on an accelerator: the wall clock).
+  :data:`GOAL_RATIOS` (on an accelerator: the wall clock), and gives the
+  ratio of the two steps' FLOPs (``GFLOP``: XLA's count, :meth:`StepRun.flops`)
+  as the floor a compute-bound step's time ratio cannot go below.
   """
   header = (f"{'model':<14} {'config':<16} {'step ms':>8} {'img/s':>6} "
-            f"{'cpu ms':>7} {'vs fp-xla':>9} {'/fp':>5} {'/distill':>8} "
+            f"{'cpu ms':>7} {'GFLOP':>6} {'vs fp-xla':>9} {'/fp':>5} {'/distill':>8} "
             f"{'/fp cpu':>7} {'/distill cpu':>12}")
   lines = [header, "-" * len(header)]
   fmt = lambda v, f: format(v, f) if v is not None else "-"
@@ -367,7 +391,7 @@ def format_table(rows) -> str:
     lines.append(
         f"{r['model']:<14} {r['config']:<16} {r['wall_s'] * 1e3:>8.1f} "
         f"{r['images_per_s']:>6.0f} {r['cpu_s'] * 1e3:>7.1f} "
-        f"{fmt(r['speedup'], '.2f'):>9} "
+        f"{fmt(r.get('gflop'), '.2f'):>6} {fmt(r['speedup'], '.2f'):>9} "
         f"{fmt(r['over_fp_wall'], '.2f'):>5} "
         f"{fmt(r['over_distill_wall'], '.2f'):>8} "
         f"{fmt(r['over_fp_cpu'], '.2f'):>7} "
@@ -383,10 +407,12 @@ def format_table(rows) -> str:
       met = "met" if judged <= goal else "not met"
       (w1, w3), (c1, c3) = (r[f"over_{label}_wall_spread"],
                             r[f"over_{label}_cpu_spread"])
+      work = r.get(f"over_{label}_flops")
+      work = f"; FLOPs {work:.2f}x" if work else ""
       lines.append(
           f"{r['model']} {r['config']} / {label}: {wall:.2f} wall "
           f"[{w1:.2f}-{w3:.2f}], {cpu:.2f} cpu [{c1:.2f}-{c3:.2f}] "
-          f"(goal <= {goal}: {met})")
+          f"(goal <= {goal}: {met}{work})")
   return "\n".join(lines)
 
 

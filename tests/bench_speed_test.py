@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from absl.testing import absltest
+import jax
 
 from bench import speed
+from train import models
 
 
 class PairedRatioTest(absltest.TestCase):
@@ -40,11 +42,31 @@ class PairedRatioTest(absltest.TestCase):
       for clock in ("wall", "cpu"):
         row[f"over_{label}_{clock}"] = 1.10
         row[f"over_{label}_{clock}_spread"] = (1.05, 1.15)
+    row["over_fp_flops"] = 1.3
     text = speed.format_table([row])
     self.assertIn("w2a2-fast / fp: 1.10 wall [1.05-1.15], 1.10 cpu "
-                  "[1.05-1.15] (goal <= 1.15: met)", text)
+                  "[1.05-1.15] (goal <= 1.15: met; FLOPs 1.30x)", text)
     self.assertIn("w2a2-fast / distill: 1.10 wall [1.05-1.15], 1.10 cpu "
                   "[1.05-1.15] (goal <= 1.05: not met)", text)
+
+
+class StepFlopsTest(absltest.TestCase):
+
+  def test_distillation_adds_one_teacher_forward_of_flops(self):
+    variables, batch = speed.random_inputs("digits_resnet", 2)
+    fp = speed.build_step("fp-fast", "digits_resnet", variables, batch)
+    distill = speed.build_step("fp-distill", "digits_resnet", variables, batch)
+    model = models.get_model("digits_resnet", 10)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, batch["image"]).cost_analysis()["flops"]
+    # Everything but the teacher forward (and the divergence, a few % of
+    # it) is the same in both steps.
+    extra = (distill.flops() - fp.flops()) / forward
+    self.assertBetween(extra, 1.0, 1.1)
+    # Twice the batch, twice the work (the optimizer's share is tiny).
+    variables, batch = speed.random_inputs("digits_resnet", 4)
+    fp4 = speed.build_step("fp-fast", "digits_resnet", variables, batch)
+    self.assertBetween(fp4.flops() / fp.flops(), 1.98, 2.0)
 
 
 if __name__ == "__main__":
