@@ -204,8 +204,7 @@ def make_distill_step(model, variables, batch, config) -> StepRun:
   optimizer chain; the bit-width penalty finds no quantizer in the FP params,
   so it adds nothing but its (empty) bookkeeping.
   """
-  bits = config.quant.activation_bits
-  tx = train_lib.make_optimizer(config, bits if bits < 32 else None)
+  tx = train_lib.make_optimizer(config, config.quant.activation_bits)
   state = steps.create_state(variables, tx, _all_true(variables["params"]),
                              jax.random.key_data(jax.random.key(2)))
   step = steps.make_train_step(
@@ -230,9 +229,7 @@ def make_gdnsq_step(model, variables, batch, config) -> StepRun:
   abstract = jax.eval_shape(
       lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
   qvariables = interception.add_quantizer_params(variables, abstract)
-  bits = (config.quant.activation_bits if settings.quantize_activations
-          else None)
-  tx = train_lib.make_optimizer(config, bits)
+  tx = train_lib.make_optimizer(config, config.quant.activation_bits)  # as train_lib.quantize
   state = steps.create_state(qvariables, tx, _all_true(qvariables["params"]),
                              jax.random.key_data(jax.random.key(2)))
   step = steps.make_train_step(

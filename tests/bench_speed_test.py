@@ -50,6 +50,25 @@ class PairedRatioTest(absltest.TestCase):
                   "[1.05-1.15] (goal <= 1.05: not met)", text)
 
 
+class BuildStepTest(absltest.TestCase):
+
+  def test_every_configuration_builds_and_adds_its_work(self):
+    variables, batch = speed.random_inputs("digits_resnet", 2)
+    flops = {name: speed.build_step(name, "digits_resnet", variables,
+                                    batch).flops()
+             for name in speed.CONFIGS}
+    # With the same conv, a distillation step adds a teacher forward to the
+    # FP step, a quantized step its quantizers to its distillation step.
+    for name, (kind, conv) in speed.CONFIGS.items():
+      if kind in speed.DISTILL_KINDS:
+        reference = speed._config_name("fp", conv)  # pylint: disable=protected-access
+        self.assertGreater(flops[name], 1.2 * flops[reference], name)
+      elif kind in speed.QUANT_KINDS:
+        reference = speed._config_name(speed._distill_kind(kind), conv)  # pylint: disable=protected-access
+        self.assertIsNotNone(reference, name)
+        self.assertGreater(flops[name], flops[reference], name)
+
+
 class StepFlopsTest(absltest.TestCase):
 
   def test_distillation_adds_one_teacher_forward_of_flops(self):
