@@ -47,11 +47,13 @@ import jax
 import numpy as np
 
 from bench import speed
+from bench import step_configs
 from configs import w2a2
 from train import data_sources
 from train import device_data
 from train import input_pipeline
 from train import loop
+from train import models
 from train import sharding
 
 PARTS = ("loader", "loop", "overlap")
@@ -196,21 +198,20 @@ def loader_table(args) -> str:
 def _w2a2_loop_state(model_name: str, batch_size: int, mesh):
   """(compiled W2A2 train step, loop state, teacher variables) on ``mesh``.
 
-  The step of ``bench.speed`` (the program's GDNSQ step with the
+  The W2A2 step of ``bench.step_configs`` (the program's GDNSQ step with the
   ``configs/w2a2.py`` settings), compiled as the program compiles it
   (``train.loop.compile_train_step``: shardings, donation).
   """
-  variables, batch = speed.random_inputs(model_name, batch_size)
-  config = w2a2.get_config(speed.W2A2_PRESETS[model_name])
-  model = speed.models.get_model(model_name, 10)
-  step, (state, _, teacher) = speed.make_gdnsq_step(model, variables, batch,
-                                                   config)
+  variables, batch = step_configs.random_inputs(model_name, batch_size)
+  config = w2a2.get_config(step_configs.W2A2_PRESETS[model_name])
+  model = models.get_model(model_name, 10)
+  step = step_configs.make_gdnsq_step(model, variables, batch, config)
   # Fresh buffers: the state's FP params and the teacher share arrays, and
   # the step donates the state.
-  return (loop.compile_train_step(step, mesh),
-          sharding.replicate(jax.device_get(loop.LoopState.initial(state)),
-                             mesh),
-          sharding.replicate(jax.device_get(teacher), mesh))
+  return (loop.compile_train_step(step.step_fn, mesh),
+          sharding.replicate(
+              jax.device_get(loop.LoopState.initial(step.state)), mesh),
+          sharding.replicate(jax.device_get(step.teacher_variables), mesh))
 
 
 def _run(train_step, loop_state, teacher, batches, steps: int, mesh,

@@ -27,6 +27,7 @@ import re
 import jax
 
 from bench import speed
+from bench import step_configs
 from train import host_memory
 
 
@@ -196,10 +197,10 @@ def main(argv=None) -> None:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="resnet20",
-                      choices=tuple(speed.IMAGE_SHAPES))
+                      choices=tuple(step_configs.IMAGE_SHAPES))
   parser.add_argument("--configs", default="fp-distill-xla,w2a2-xla",
                       type=lambda s: speed.comma_separated_names(
-                          s, tuple(speed.CONFIGS)))
+                          s, tuple(step_configs.CONFIGS)))
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--out", default="runs/profile")
@@ -207,12 +208,13 @@ def main(argv=None) -> None:
                       help="only count the HLO ops (no profiler trace)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  variables, batch = speed.random_inputs(args.model, args.batch)
+  variables, batch = step_configs.random_inputs(args.model, args.batch)
   print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
         f"freed host memory kept: {kept}; {args.model}, batch {args.batch}, "
         f"{args.steps} traced steps", flush=True)
   for name in args.configs:
-    run = speed.build_step(name, args.model, variables, batch)
+    run = step_configs.StepRun(
+        step_configs.build_step(name, args.model, variables, batch))
     hlo = run.compiled_text()
     with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
       f.write(hlo)
