@@ -161,14 +161,22 @@ def make_distill_step(model, variables, batch, config) -> TrainStep:
   optimizer chain; the bit-width penalty finds no quantizer in the FP params,
   so it adds nothing but its (empty) bookkeeping.
   """
+  return _distilling_step(model, variables, model, variables, batch, config)
+
+
+def _distilling_step(student, student_variables, teacher, teacher_variables,
+                     batch, config) -> TrainStep:
+  """``student`` distilling from ``teacher`` with ``config``'s loss and
+  optimizer, as ``train_lib.quantize`` builds them."""
   tx = train_lib.make_optimizer(config, config.quant.activation_bits)
-  state = steps.create_state(variables, tx, _all_true(variables["params"]),
-                             jax.random.key_data(jax.random.key(2)))
+  state = steps.create_state(
+      student_variables, tx, _all_true(student_variables["params"]),
+      jax.random.key_data(jax.random.key(2)))
   step = steps.make_train_step(
-      model, tx,
+      student, tx,
       steps.make_task_loss(config.distill.loss, config.distill.temperature),
-      teacher_model=model, teacher_dtype=config.teacher.dtype)
-  return TrainStep(step, state, batch, variables)
+      teacher_model=teacher, teacher_dtype=config.teacher.dtype)
+  return TrainStep(step, state, batch, teacher_variables)
 
 
 def make_gdnsq_step(model, variables, batch, config) -> TrainStep:
@@ -186,14 +194,7 @@ def make_gdnsq_step(model, variables, batch, config) -> TrainStep:
   abstract = jax.eval_shape(
       lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
   qvariables = interception.add_quantizer_params(variables, abstract)
-  tx = train_lib.make_optimizer(config, config.quant.activation_bits)  # as train_lib.quantize
-  state = steps.create_state(qvariables, tx, _all_true(qvariables["params"]),
-                             jax.random.key_data(jax.random.key(2)))
-  step = steps.make_train_step(
-      qmodel, tx,
-      steps.make_task_loss(config.distill.loss, config.distill.temperature),
-      teacher_model=model, teacher_dtype=config.teacher.dtype)
-  return TrainStep(step, state, batch, variables)
+  return _distilling_step(qmodel, qvariables, model, variables, batch, config)
 
 
 # Quantized step kinds -> overrides of the configs/w2a2.py config.
