@@ -80,11 +80,6 @@ IMAGE_SHAPES = {"digits_resnet": (28, 28, 1), "resnet20": (32, 32, 3),
 W2A2_PRESETS = {"digits_resnet": None, "resnet20": "cifar10",
                 "resnet18": "imagenet"}
 
-def model_with_conv(name: str, num_classes: int, conv) -> Any:
-  """A ``train.models`` model whose convs call ``conv``."""
-  return models.get_model(name, num_classes, conv_general_dilated=conv)
-
-
 def _all_true(params):
   return jax.tree.map(lambda _: jnp.asarray(True), params)
 
@@ -109,25 +104,35 @@ class StepRun:
 
   Compiled by :func:`train.loop.compile_train_step` on a one-device mesh,
   so the input state is donated (no copy of the state's buffers into the
-  outputs); each call feeds the step's new state to the next one.
+  outputs); each call feeds the step's new state to the next one. Lowered
+  once and compiled once, on first use: the calls, :meth:`flops` and
+  :meth:`compiled_text` share both.
   """
 
   def __init__(self, step: TrainStep):
     mesh = sharding.make_mesh(jax.devices()[:1])
-    self.step = loop.compile_train_step(step.step_fn, mesh)
+    self._jitted = loop.compile_train_step(step.step_fn, mesh)
     # The state's own buffers: donating them must not delete arrays it
     # shares with the teacher variables or with another configuration.
     self.args = [jax.tree.map(jnp.copy, step.state), step.batch,
                  step.teacher_variables]
 
+  @functools.cached_property
+  def _lowered(self):
+    return self._jitted.lower(*self.args)
+
+  @functools.cached_property
+  def _compiled(self):
+    return self._lowered.compile()
+
   def __call__(self):
     """Runs one step and waits for it; returns its metrics."""
-    self.args[0], metrics = self.step(*self.args)
+    self.args[0], metrics = self._compiled(*self.args)
     return jax.block_until_ready(metrics)
 
   def compiled_text(self) -> str:
     """The optimized HLO of the step."""
-    return self.step.lower(*self.args).compile().as_text()
+    return self._compiled.as_text()
 
   def flops(self) -> float | None:
     """XLA's count of the step's floating-point operations, or None.
@@ -137,7 +142,7 @@ class StepRun:
     once, whatever the backend later fuses); None where the backend gives
     no count.
     """
-    analysis = self.step.lower(*self.args).cost_analysis()
+    analysis = self._lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one per device
       analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
@@ -227,7 +232,7 @@ def distill_kind(kind: str) -> str:
 def build_step(name: str, model_name: str, variables, batch) -> TrainStep:
   """The step of configuration ``name`` for ``model_name``."""
   kind, conv = CONFIGS[name]
-  model = model_with_conv(model_name, 10, CONVS[conv])
+  model = models.get_model(model_name, 10, conv_general_dilated=CONVS[conv])
   config = w2a2.get_config(W2A2_PRESETS[model_name])
   if kind == "fp":
     return make_fp_step(model, variables, batch)
